@@ -110,21 +110,26 @@ class MLA(nnx.Module):
         latent_BTL, k_rope_BTK = jnp.split(kv_BTC, [self.cfg.kv_lora_rank], axis=-1)
         return rms_norm(latent_BTL, self.kv_norm[...], INNER_NORM_EPS), apply_rope(k_rope_BTK, cos, sin)
 
-    def __call__(self, x_BTD, positions_BT, cos, sin, cache=None, attend_cache=True):
+    def __call__(self, x_BTD, positions_BT, cos, sin, cache=None, attend_cache=True, page_table_BP=None):
         """Returns (output [B,T,D], updated cache or None, max logit per head [H] or None).
 
         No cache: causal attention among the T tokens (naive form). With a cache (latent_BSL, rope_BSK), this
         step's rows are written at their positions first; then `attend_cache` attends over the whole cache in
         the absorbed form (decode, chunked prefill), otherwise the naive form runs over the T tokens alone
-        (a prefill into an empty cache, where expanded K/V cost fewer FLOPs)."""
+        (a prefill into an empty cache, where expanded K/V cost fewer FLOPs). With `page_table_BP` the cache
+        is paged, (latent_NGL, rope_NGK) over N pages of G rows, and each sequence's pages are gathered into
+        a contiguous [B, P*G, .] view to attend over."""
         q_nope_BTHK, q_rope_BTHK = self.queries(x_BTD, cos, sin)
         latent_BTL, k_rope_BTK = self.latents(x_BTD, cos, sin)
         scale = self.cfg.softmax_scale
         max_logit_H = None  # each head's largest logit, reported by the naive path (QK-Clip reads it)
-        if cache is not None:
+        if cache is not None and page_table_BP is not None:
+            cache = write_paged_cache(cache, latent_BTL, k_rope_BTK, positions_BT, page_table_BP)
+        elif cache is not None:
             cache = write_cache(cache, latent_BTL, k_rope_BTK, positions_BT)
         if cache is not None and attend_cache:
-            cache_latent_BSL, cache_rope_BSK = cache
+            paged = page_table_BP is not None
+            cache_latent_BSL, cache_rope_BSK = gather_pages(cache, page_table_BP) if paged else cache
             S = cache_latent_BSL.shape[1]
             if self.cfg.attention_impl == "pallas" and x_BTD.shape[1] == 1:
                 out_BTHK = _absorbed_decode_pallas(q_nope_BTHK, q_rope_BTHK, cache_latent_BSL, cache_rope_BSK,
@@ -150,3 +155,24 @@ def write_cache(cache, latent_BTL, k_rope_BTK, positions_BT):
     b_BT = jnp.arange(positions_BT.shape[0])[:, None]
     return (cache_latent_BSL.at[b_BT, positions_BT].set(latent_BTL.astype(cache_latent_BSL.dtype), mode="drop"),
             cache_rope_BSK.at[b_BT, positions_BT].set(k_rope_BTK.astype(cache_rope_BSK.dtype), mode="drop"))
+
+
+def write_paged_cache(pages, latent_BTL, k_rope_BTK, positions_BT, page_table_BP):
+    """`write_cache` for a paged cache: position p of sequence b goes to row p % G of page
+    page_table_BP[b, p // G]. Positions past the table, and pages marked unused (index N, one past the last
+    page), are dropped, so idle batch slots write nothing."""
+    latent_NGL, rope_NGK = pages
+    N, G = latent_NGL.shape[:2]
+    page_BT = jnp.take_along_axis(page_table_BP, positions_BT // G, axis=1, mode="fill", fill_value=N)
+    row_BT = positions_BT % G
+    return (latent_NGL.at[page_BT, row_BT].set(latent_BTL.astype(latent_NGL.dtype), mode="drop"),
+            rope_NGK.at[page_BT, row_BT].set(k_rope_BTK.astype(rope_NGK.dtype), mode="drop"))
+
+
+def gather_pages(pages, page_table_BP):
+    """Each sequence's pages in order as contiguous [B, P*G, .] arrays (unused pages read as zeros)."""
+    def gather(pages_NGC):
+        rows_BPGC = jnp.take(pages_NGC, page_table_BP, axis=0, mode="fill", fill_value=0)
+        B, P, G, C = rows_BPGC.shape
+        return rows_BPGC.reshape(B, P * G, C)
+    return tuple(gather(p) for p in pages)

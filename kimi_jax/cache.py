@@ -14,9 +14,19 @@ from kimi_jax.config import KimiConfig
 
 
 def init_cache(cfg: KimiConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+    return _latent_arrays(cfg, (batch, max_len), dtype)
+
+
+def init_paged_cache(cfg: KimiConfig, num_pages: int, page_size: int, dtype=jnp.float32) -> dict:
+    """The same structure with [num_pages, page_size, .] arrays in place of [batch, max_len, .]: pages that any
+    sequence can own, addressed through a page table (`KimiForCausalLM.forward(..., page_table_BP=...)`)."""
+    return _latent_arrays(cfg, (num_pages, page_size), dtype)
+
+
+def _latent_arrays(cfg: KimiConfig, rows: tuple[int, int], dtype) -> dict:
     def layer_pair(*lead):
-        return (jnp.zeros((*lead, batch, max_len, cfg.kv_lora_rank), dtype),
-                jnp.zeros((*lead, batch, max_len, cfg.qk_rope_head_dim), dtype))
+        return (jnp.zeros((*lead, *rows, cfg.kv_lora_rank), dtype),
+                jnp.zeros((*lead, *rows, cfg.qk_rope_head_dim), dtype))
 
     cache = {}
     for name, n in (("dense", cfg.num_dense_layers), ("moe", cfg.num_moe_layers)):

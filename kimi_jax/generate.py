@@ -45,22 +45,37 @@ class GenerationResult:
 
 
 def sample(logits_BV, key, params: SamplingParams):
-    """Next tokens [B] from float32 logits: greedy, or temperature with optional top-k / top-p cuts."""
-    logits_BV = logits_BV.astype(jnp.float32)
+    """Next tokens [B] from logits, one set of sampling parameters for the whole batch."""
     if params.temperature <= 0:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    logits_BV = logits_BV / params.temperature
-    if params.top_k > 0:
-        kth_B1 = jax.lax.top_k(logits_BV, params.top_k)[0][:, -1:]
-        logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
-    if params.top_p < 1.0:
-        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
-        cum_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
-        # Keep the smallest prefix whose mass reaches top_p (always at least the best token).
-        cutoff_index_B = jnp.sum(cum_BV < params.top_p, axis=-1)
-        cutoff_B1 = jnp.take_along_axis(sorted_BV, cutoff_index_B[:, None], axis=-1)
-        logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
-    return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+    B = logits_BV.shape[0]
+    full = lambda value, dtype: jnp.full((B,), value, dtype)  # noqa: E731
+    return sample_rows(logits_BV, jax.random.split(key, B), full(params.temperature, jnp.float32),
+                       full(params.top_k, jnp.int32), full(params.top_p, jnp.float32))
+
+
+def sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B):
+    """Next tokens [B] with sampling parameters per row (a serving batch mixes requests): temperature 0 is
+    greedy, top_k 0 and top_p 1 cut nothing. The sort that the cuts need runs only if some row samples."""
+    logits_BV = logits_BV.astype(jnp.float32)
+    greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+
+    def sampled():
+        V = logits_BV.shape[-1]
+        scaled_BV = logits_BV / jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
+        sorted_BV = -jnp.sort(-scaled_BV, axis=-1)
+        kth_B1 = jnp.take_along_axis(sorted_BV, jnp.clip(top_k_B - 1, 0, V - 1)[:, None], axis=-1)
+        below_kth = lambda x: (top_k_B > 0)[:, None] & (x < kth_B1)  # noqa: E731
+        # Nucleus over what top-k kept: the smallest prefix whose mass reaches top_p (at least the best token).
+        kept_sorted_BV = jnp.where(below_kth(sorted_BV), -jnp.inf, sorted_BV)
+        cum_BV = jnp.cumsum(jax.nn.softmax(kept_sorted_BV, axis=-1), axis=-1)
+        cutoff_index_B = jnp.minimum(jnp.sum(cum_BV < top_p_B[:, None], axis=-1), V - 1)
+        cutoff_B1 = jnp.take_along_axis(kept_sorted_BV, cutoff_index_B[:, None], axis=-1)
+        cut_BV = below_kth(scaled_BV) | ((top_p_B < 1.0)[:, None] & (scaled_BV < cutoff_B1))
+        draws_B = jax.vmap(jax.random.categorical)(keys_B, jnp.where(cut_BV, -jnp.inf, scaled_BV))
+        return jnp.where(temperature_B > 0, draws_B.astype(jnp.int32), greedy_B)
+
+    return jax.lax.cond(jnp.any(temperature_B > 0), sampled, lambda: greedy_B)
 
 
 def _prefill(graphdef, state, ids_BT, lengths_B, cache):

@@ -35,10 +35,10 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = param(rngs, (cfg.hidden_size,), ("embed",), dtype, init="ones")
         self.mlp = MoE(cfg, rngs, dtype) if moe else DenseMLP(cfg.hidden_size, cfg.intermediate_size, rngs, dtype)
 
-    def __call__(self, x_BTD, positions_BT, cos, sin, cache, attend_cache):
+    def __call__(self, x_BTD, positions_BT, cos, sin, cache, attend_cache, page_table_BP=None):
         """Returns (x, cache, stats): stats holds the layer's max logits and, for MoE layers, its routing."""
         h_BTD, cache, max_logit_H = self.attn(rms_norm(x_BTD, self.attn_norm[...], self.eps), positions_BT,
-                                              cos, sin, cache, attend_cache)
+                                              cos, sin, cache, attend_cache, page_table_BP)
         x_BTD = x_BTD + h_BTD
         h_BTD = rms_norm(x_BTD, self.mlp_norm[...], self.eps)
         stats = {"max_logit_H": max_logit_H}
@@ -71,13 +71,14 @@ class LayerStack(nnx.Module):
         self.scan_unroll = cfg.scan_unroll
         self.remat = cfg.remat
 
-    def __call__(self, x_BTD, positions_BT, cos, sin, cache, attend_cache):
+    def __call__(self, x_BTD, positions_BT, cos, sin, cache, attend_cache, page_table_BP=None):
         """cache: None, or per layer (latent, rope) — stacked arrays under scan, a list of pairs unrolled.
         Returns (x, cache, per-layer stats dicts)."""
         graphdef, stacked = nnx.split(self.layers)
 
         def run_layer(x_BTD, layer_state, layer_cache):
-            return nnx.merge(graphdef, layer_state)(x_BTD, positions_BT, cos, sin, layer_cache, attend_cache)
+            return nnx.merge(graphdef, layer_state)(x_BTD, positions_BT, cos, sin, layer_cache, attend_cache,
+                                                    page_table_BP)
 
         if self.remat != "none":
             policy = jax.checkpoint_policies.dots_saveable if self.remat == "dots" else None
@@ -119,10 +120,12 @@ class KimiForCausalLM(nnx.Module):
                 if (stack := getattr(self, f"{name}_layers")) is not None}
 
     def forward(self, input_ids_BT, positions_BT=None, cache=None, attend_cache=True,
-                logits_index_B=None) -> ModelOutput:
+                logits_index_B=None, page_table_BP=None) -> ModelOutput:
         """positions default to 0..T-1. With a cache (kimi_jax.cache.init_cache), this step's latent rows are
         written at `positions_BT`; `attend_cache=False` is the prefill of an empty cache (naive attention).
-        `logits_index_B` computes logits only at one token per sequence (the last of a prompt): [B, 1, V]."""
+        `logits_index_B` computes logits only at one token per sequence (the last of a prompt): [B, 1, V].
+        `page_table_BP` makes the cache a paged one (kimi_jax.cache.init_paged_cache): sequence b's position p
+        lives in page page_table_BP[b, p // page_size]."""
         B, T = input_ids_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -131,7 +134,8 @@ class KimiForCausalLM(nnx.Module):
         new_cache, stats = ({} if cache is not None else None), []
         for name, stack in self.stacks().items():
             x_BTD, stack_cache, stack_stats = stack(x_BTD, positions_BT, cos, sin,
-                                                    None if cache is None else cache[name], attend_cache)
+                                                    None if cache is None else cache[name], attend_cache,
+                                                    page_table_BP)
             stats += stack_stats
             if cache is not None:
                 new_cache[name] = stack_cache
