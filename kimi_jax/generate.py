@@ -115,6 +115,9 @@ def _decode(graphdef, params, max_new_tokens, state, logits_BV, lengths_B, cache
 
 
 _COMPILED: dict = {}
+# Prompts are right-padded to a multiple of this, so prompts of nearby lengths share one compiled program
+# (padding is masked out: a sequence never attends to positions past its own length).
+PROMPT_BUCKET = 32
 
 
 def _compiled(name, fn, static, args, donate):
@@ -157,7 +160,7 @@ def generate(model: KimiForCausalLM, prompts: Sequence[Sequence[int] | str], max
         raise ValueError(f"prompt token ids must lie in [0, vocab_size={vocab})")
     params = SamplingParams(float(temperature), int(top_k), float(top_p))
     lengths = np.array([len(p) for p in prompts], np.int32)
-    T = int(lengths.max())
+    T = -(-int(lengths.max()) // PROMPT_BUCKET) * PROMPT_BUCKET
     ids_BT = np.full((len(prompts), T), pad_id, np.int32)
     for b, p in enumerate(prompts):
         ids_BT[b, :len(p)] = p

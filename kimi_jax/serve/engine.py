@@ -211,7 +211,6 @@ class Engine:
         self._seeds = np.random.default_rng(seed)
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._decode_fn = self._prefill_fns = None
         self.steps = 0
 
     # ---------------------------------------------------------------------------------------------- requests
@@ -360,13 +359,11 @@ class Engine:
         chunk = prompt[start:start + C]
         ids_1C = np.full((1, C), self.pad_id, np.int32)
         ids_1C[0, :len(chunk)] = chunk
-        first = start == 0
-        if self._prefill_fns is None:
-            self._prefill_fns = {a: jax.jit(_prefill_step, static_argnums=(0, 1), donate_argnums=(3,))
-                                 for a in (False, True)}
-        token_1, self._cache = self._prefill_fns[not first](
-            self._graphdef, not first, self._state, self._cache, jnp.asarray(self._page_table[seq.slot:seq.slot + 1]),
-            jnp.asarray(ids_1C), jnp.int32(start), jnp.int32(len(chunk)), *self._sampling_args([seq]))
+        attend_cache = start > 0  # the first chunk attends among its own tokens, like generate's prefill
+        page_table_1P = jnp.asarray(self._page_table[seq.slot:seq.slot + 1])
+        token_1, self._cache = _PREFILL(self._graphdef, attend_cache, self._state, self._cache, page_table_1P,
+                                        jnp.asarray(ids_1C), jnp.int32(start), jnp.int32(len(chunk)),
+                                        *self._sampling_args([seq]))
         seq.prefilled += len(chunk)
         if seq.decoding:
             self._emit(seq, int(token_1[0]))
@@ -379,9 +376,7 @@ class Engine:
         # Slots still prefilling own pages too: hide them so this step's idle rows write nothing there.
         page_table = np.where(np.array([s is not None for s in decoding])[:, None], self._page_table,
                               self._unused_page)
-        if self._decode_fn is None:
-            self._decode_fn = jax.jit(_decode_step, static_argnums=(0,), donate_argnums=(2,))
-        next_B, self._cache = self._decode_fn(self._graphdef, self._state, self._cache, jnp.asarray(page_table),
+        next_B, self._cache = _DECODE(self._graphdef, self._state, self._cache, jnp.asarray(page_table),
                                               jnp.asarray(tokens_B), jnp.asarray(positions_B),
                                               *self._sampling_args(decoding))
         next_B = np.asarray(next_B)
@@ -453,6 +448,11 @@ def _decode_step(graphdef, state, cache, page_table_BP, tokens_B, positions_B, t
                         page_table_BP=page_table_BP)
     next_B = sample_rows(out.logits_BTV[:, 0], _keys(seeds_B, counters_B), temperature_B, top_k_B, top_p_B)
     return next_B, out.cache
+
+
+# Module-level, so engines of the same model structure and shapes share compiled programs.
+_PREFILL = jax.jit(_prefill_step, static_argnums=(0, 1), donate_argnums=(3,))
+_DECODE = jax.jit(_decode_step, static_argnums=(0,), donate_argnums=(2,))
 
 
 def wait_idle(engine: Engine, timeout: float = 60.0) -> None:
