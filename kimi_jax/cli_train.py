@@ -96,7 +96,7 @@ def run_export(args) -> int:
 
 
 BENCHMARKS = {"decode": "bench.decode", "prefill": "bench.prefill", "moe-scaling": "bench.moe_scaling",
-              "cache": "bench.cache", "convert": "bench.convert"}
+              "cache": "bench.cache", "convert": "bench.convert", "serve": "bench.serve"}
 
 
 def add_bench(sub):

@@ -1,6 +1,7 @@
 """The serving engine: continuous batching over the paged latent cache gives each request exactly what
 `generate` gives it alone; pages come back; bad requests are refused; sharded == single device."""
 
+import dataclasses
 import threading
 
 import jax
@@ -13,8 +14,9 @@ from kimi_jax.serve import Engine, EngineConfig, QueueFull, Request, RequestErro
 from kimi_jax.serve.engine import wait_idle
 
 # Small pages and chunks, so prompts span pages and the longer ones are prefilled in several chunks; fewer
-# pages than 8 slots at full context, so admission waits for pages as well as slots.
-CONFIG = EngineConfig(max_batch=8, page_size=8, max_context=128, num_pages=48, prefill_chunk=16)
+# pages than 8 slots at full context, so admission waits for pages as well as slots. One decode batch size
+# (compiles cost CI time); the sampling test adds a second.
+CONFIG = EngineConfig(max_batch=8, page_size=8, max_context=128, num_pages=48, prefill_chunk=16, batch_buckets=(8,))
 MAX_TOKENS = 10
 
 
@@ -85,7 +87,7 @@ def test_sharded_engine_equals_single_device(demo, prompts, engine_outputs):
 
 def test_cancel_returns_pages_and_sampling_is_per_request(demo, prompts):
     model, tok = demo
-    engine = Engine(model, tok, CONFIG)
+    engine = Engine(model, tok, dataclasses.replace(CONFIG, batch_buckets=(2, 8)))
     long_request = engine.submit(Request(tuple(prompts[5]), max_tokens=100))
     for _ in range(4):
         engine.step()
@@ -96,7 +98,8 @@ def test_cancel_returns_pages_and_sampling_is_per_request(demo, prompts):
     events = list(long_request)
     assert events[-1].finish_reason == "cancelled" and 1 <= sum(len(e.token_ids) for e in events) < 100
 
-    # A seeded sampled request draws the same tokens alone and beside others; top_k=1 sampling is greedy.
+    # A seeded sampled request draws the same tokens alone (decode batch 2) and beside others (batch 8);
+    # top_k=1 sampling is greedy.
     sampled = Request(tuple(prompts[3]), max_tokens=8, temperature=1.0, seed=7)
     alone = engine.generate([sampled])[0].token_ids
     mixed = engine.generate([Request(tuple(prompts[4]), max_tokens=8), sampled,

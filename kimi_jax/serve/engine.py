@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import itertools
 import logging
 import math
@@ -47,6 +48,7 @@ class EngineConfig:
     num_pages: int | None = None  # default: enough for every slot at max_context
     prefill_chunk: int = 256    # prompt tokens forwarded per prefill call
     max_queue: int = 256        # waiting requests before submit() refuses (QueueFull)
+    batch_buckets: tuple[int, ...] | None = None  # decode batch sizes compiled; default 1, 2, 4, ..., max_batch
 
     def __post_init__(self):
         for name in ("max_batch", "page_size", "max_context", "prefill_chunk", "max_queue"):
@@ -58,6 +60,12 @@ class EngineConfig:
         if self.num_pages is not None and self.num_pages < self.pages_per_sequence:
             raise ValueError(f"EngineConfig.num_pages ({self.num_pages}) cannot hold one sequence of max_context "
                              f"{self.max_context} ({self.pages_per_sequence} pages)")
+
+    @property
+    def decode_batches(self) -> tuple[int, ...]:
+        if self.batch_buckets is not None:
+            return tuple(sorted({min(b, self.max_batch) for b in self.batch_buckets} | {self.max_batch}))
+        return tuple(sorted({min(1 << i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)}))
 
     @property
     def pages_per_sequence(self) -> int:
@@ -197,6 +205,7 @@ class Engine:
         self.vocab_size = cfg.vocab_size
         self.pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
         self._graphdef, self._state = nnx.split(model)
+        self._prefill_fns, self._decode_fn = _programs(self._graphdef)
         cache = init_paged_cache(cfg, config.total_pages, config.page_size, model.dtype)
         if mesh is not None:
             cache = jax.device_put(cache, NamedSharding(mesh, PartitionSpec()))
@@ -345,13 +354,13 @@ class Engine:
     # --------------------------------------------------------------------------------------- device programs
 
     def _sampling_args(self, seqs: list[_Sequence | None]):
-        def column(get, dtype, idle):
-            return jnp.asarray([idle if s is None else get(s) for s in seqs], dtype)
-        return (column(lambda s: s.request.temperature, jnp.float32, 0.0),
-                column(lambda s: s.request.top_k, jnp.int32, 0),
-                column(lambda s: s.request.top_p, jnp.float32, 1.0),
-                column(lambda s: s.seed, jnp.uint32, 0),
-                column(lambda s: len(s.generated), jnp.int32, 0))
+        def column(get, dtype, idle):  # numpy: jit takes it as is (a jnp array would cost a dispatch each)
+            return np.array([idle if s is None else get(s) for s in seqs], dtype)
+        return (column(lambda s: s.request.temperature, np.float32, 0.0),
+                column(lambda s: s.request.top_k, np.int32, 0),
+                column(lambda s: s.request.top_p, np.float32, 1.0),
+                column(lambda s: s.seed, np.uint32, 0),
+                column(lambda s: len(s.generated), np.int32, 0))
 
     def _prefill_chunk(self, seq: _Sequence) -> None:
         C, prompt = self.config.prefill_chunk, seq.request.prompt
@@ -360,24 +369,25 @@ class Engine:
         ids_1C = np.full((1, C), self.pad_id, np.int32)
         ids_1C[0, :len(chunk)] = chunk
         attend_cache = start > 0  # the first chunk attends among its own tokens, like generate's prefill
-        page_table_1P = jnp.asarray(self._page_table[seq.slot:seq.slot + 1])
-        token_1, self._cache = _PREFILL(self._graphdef, attend_cache, self._state, self._cache, page_table_1P,
-                                        jnp.asarray(ids_1C), jnp.int32(start), jnp.int32(len(chunk)),
-                                        *self._sampling_args([seq]))
+        token_1, self._cache = self._prefill_fns[attend_cache](
+            self._state, self._cache, self._page_table[seq.slot:seq.slot + 1], ids_1C, np.int32(start),
+            np.int32(len(chunk)), *self._sampling_args([seq]))
         seq.prefilled += len(chunk)
         if seq.decoding:
             self._emit(seq, int(token_1[0]))
 
     def _decode(self) -> None:
         decoding = [s if s is not None and s.decoding else None for s in self._slots]
+        # Run the smallest compiled batch that holds the last generating slot: idle rows cost a full row each.
+        last = max(i for i, s in enumerate(decoding) if s is not None)
+        decoding = decoding[:min(b for b in self.config.decode_batches if b > last)]
         tokens_B = np.array([self.pad_id if s is None else s.generated[-1] for s in decoding], np.int32)
         positions_B = np.array([0 if s is None else len(s.request.prompt) + len(s.generated) - 1 for s in decoding],
                                np.int32)
         # Slots still prefilling own pages too: hide them so this step's idle rows write nothing there.
-        page_table = np.where(np.array([s is not None for s in decoding])[:, None], self._page_table,
-                              self._unused_page)
-        next_B, self._cache = _DECODE(self._graphdef, self._state, self._cache, jnp.asarray(page_table),
-                                              jnp.asarray(tokens_B), jnp.asarray(positions_B),
+        page_table = np.where(np.array([s is not None for s in decoding])[:, None],
+                              self._page_table[:len(decoding)], self._unused_page)
+        next_B, self._cache = self._decode_fn(self._state, self._cache, page_table, tokens_B, positions_B,
                                               *self._sampling_args(decoding))
         next_B = np.asarray(next_B)
         for seq in decoding:
@@ -450,9 +460,19 @@ def _decode_step(graphdef, state, cache, page_table_BP, tokens_B, positions_B, t
     return next_B, out.cache
 
 
-# Module-level, so engines of the same model structure and shapes share compiled programs.
-_PREFILL = jax.jit(_prefill_step, static_argnums=(0, 1), donate_argnums=(3,))
-_DECODE = jax.jit(_decode_step, static_argnums=(0,), donate_argnums=(2,))
+_PROGRAMS: dict = {}
+
+
+def _programs(graphdef):
+    """The jitted prefill (first chunk, later chunks) and decode step for one model structure, shared by
+    engines of that structure. The graph definition is bound here, not passed as a static argument, so a step
+    does not hash it."""
+    if graphdef not in _PROGRAMS:
+        _PROGRAMS.clear()  # one model structure at a time keeps compiled programs from piling up
+        prefill = {a: jax.jit(functools.partial(_prefill_step, graphdef, a), donate_argnums=(1,))
+                   for a in (False, True)}
+        _PROGRAMS[graphdef] = prefill, jax.jit(functools.partial(_decode_step, graphdef), donate_argnums=(1,))
+    return _PROGRAMS[graphdef]
 
 
 def wait_idle(engine: Engine, timeout: float = 60.0) -> None:
