@@ -9,8 +9,8 @@ The first visit of a tile zeroes the rows no group owns (the padding past sum(si
 
 expert_ffn: (token, expert) pairs sorted by expert, gate and up projections in one fused pass
 (silu(x @ w_gate) * (x @ w_up), reading each row tile once), the down projection, then the combine back
-to token order (each token gathers its X rows, weighted). No packed-INT4 variant yet: the model's INT4 expert
-format (kimi_jax/quant.py) is not committed and changed layout while this was written (README.md).
+to token order (each token gathers its X rows, weighted). The packed-INT4 variant (kimi_jax/quant.py's format,
+dequantized in VMEM) is moe_gmm_int4.py, on the same schedule and epilogue.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def expert_ffn_reference(x_ND, weights_NX, experts_NX, w_gate_EDF, w_up_EDF, w_d
 
 # ------------------------------------------------------------------------------------------------- kernel
 
-def _schedule(group_sizes_E, num_tiles: int, tm: int, num_work: int):
+def schedule(group_sizes_E, num_tiles: int, tm: int, num_work: int):
     """Work items (group, row tile) in row order, padded to num_work. Returns starts_E, ends_E, group_W,
     tile_W, real_1 (int32): items past the groups' own cover the tiles no group reaches (rows past
     sum(sizes)), under the last group so its weights are not fetched again; idle items repeat the last."""
@@ -121,15 +121,20 @@ def _gmm_kernel(starts_ref, ends_ref, group_ref, tile_ref, real_ref, lhs_ref, *r
 
         @pl.when(k == pl.num_programs(2) - 1)
         def _store():
-            g, tile = group_ref[w], tile_ref[w]
-            rows_m1 = tile * tm + jax.lax.broadcasted_iota(jnp.int32, (tm, 1), 0)
-            mine_m1 = (rows_m1 >= starts_ref[g]) & (rows_m1 < ends_ref[g])
             result_mn = jax.nn.silu(acc_refs[0][...]) * acc_refs[1][...] if swiglu else acc_refs[0][...]
-            # Consecutive items of one tile share the resident output block; its first visit starts from zeros
-            # (the uninitialised VMEM block would otherwise leak into rows that no group owns).
-            first_visit = (w == 0) | (tile_ref[jnp.maximum(w - 1, 0)] != tile)
-            kept_mn = jnp.where(first_visit, jnp.zeros_like(result_mn), out_ref[...].astype(jnp.float32))
-            out_ref[...] = jnp.where(mine_m1, result_mn, kept_mn).astype(out_ref.dtype)
+            store_rows(result_mn, w, tm, starts_ref, ends_ref, group_ref, tile_ref, out_ref)
+
+
+def store_rows(result_mn, w, tm, starts_ref, ends_ref, group_ref, tile_ref, out_ref):
+    """Work item w's epilogue: writes the rows of its tile that its group owns, keeping the others."""
+    g, tile = group_ref[w], tile_ref[w]
+    rows_m1 = tile * tm + jax.lax.broadcasted_iota(jnp.int32, (tm, 1), 0)
+    mine_m1 = (rows_m1 >= starts_ref[g]) & (rows_m1 < ends_ref[g])
+    # Consecutive items of one tile share the resident output block; its first visit starts from zeros
+    # (the uninitialised VMEM block would otherwise leak into rows that no group owns).
+    first_visit = (w == 0) | (tile_ref[jnp.maximum(w - 1, 0)] != tile)
+    kept_mn = jnp.where(first_visit, jnp.zeros_like(result_mn), out_ref[...].astype(jnp.float32))
+    out_ref[...] = jnp.where(mine_m1, result_mn, kept_mn).astype(out_ref.dtype)
 
 
 def _plan(M, K, N, E, num_rhs, tm, tk, tn):
@@ -147,12 +152,17 @@ def _plan(M, K, N, E, num_rhs, tm, tk, tn):
     return num_tiles, num_work, grid, in_specs, out_spec
 
 
+def pick_tm(M, E, dtype, tm_min, tm_max):
+    """Rows per tile: the next power of two above the mean rows per group, clamped to [tm_min, tm_max] and to
+    at least one packed sublane tile of `dtype`."""
+    sublanes = 8 * 4 // np.dtype(dtype).itemsize
+    mean = max(1, -(-M // E))
+    return min(tm_max, max(tm_min, sublanes, 1 << (mean - 1).bit_length()))
+
+
 def _blocks(M, K, N, E, dtype, generation, tm, tk, tn):
     table = table_row(BLOCKS, generation)
-    sublanes = 8 * 4 // np.dtype(dtype).itemsize
-    if tm is None:
-        mean = max(1, -(-M // E))
-        tm = min(table.tm_max, max(table.tm_min, sublanes, 1 << (mean - 1).bit_length()))
+    tm = tm or pick_tm(M, E, dtype, table.tm_min, table.tm_max)
     return tm, tk or pick_block(K, table.tk, 128), tn or pick_block(N, table.tn, 128)
 
 
@@ -199,7 +209,7 @@ def _gmm_call(lhs_MK, rhs_list, group_sizes_E, *, swiglu, generation, tm, tk, tn
                                     tn=tn, generation=generation),
         interpret=default_interpret(interpret),
         name="moe_gmm_swiglu" if swiglu else "moe_gmm",
-    )(*_schedule(group_sizes_E, num_tiles, tm, num_work), lhs_MK, *[r.astype(dtype) for r in rhs_list])
+    )(*schedule(group_sizes_E, num_tiles, tm, num_work), lhs_MK, *[r.astype(dtype) for r in rhs_list])
 
 
 @functools.partial(jax.jit, static_argnames=("generation", "tm", "tk", "tn", "interpret"))

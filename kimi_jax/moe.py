@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels_pallas.moe_gmm import expert_ffn
+from kernels_pallas.moe_gmm_int4 import expert_ffn_int4
 from kimi_jax.config import KimiConfig
 from kimi_jax.layers import RouterBias, param, swiglu
 from kimi_jax.quant import Int4Param, expert_matrix
@@ -161,10 +162,13 @@ class MoE(nnx.Module):
         x_ND = x_BTD.reshape(B * T, D)
         weights_NX, experts_NX = routing if routing is not None else self.route(x_ND)
         if self.cfg.moe_impl == "pallas":  # grouped-matmul kernels (interpreted off TPU)
-            if self.cfg.expert_quant is not None:
-                raise NotImplementedError("moe_impl='pallas' has no packed-INT4 kernel yet; this model keeps its "
-                                          "experts INT4 (expert_quant is set): use moe_impl='xla'")
-            out_ND = expert_ffn(x_ND, weights_NX, experts_NX, self.w_gate[...], self.w_up[...], self.w_down[...])
+            if self.cfg.expert_quant is not None:  # the packed words and scales as kept, dequantized in VMEM
+                gate, up, down = self.w_gate[...], self.w_up[...], self.w_down[...]
+                out_ND = expert_ffn_int4(x_ND, weights_NX, experts_NX, *[(w.packed, w.scale) for w in (gate, up, down)],
+                                         group_size=gate.group_size)
+            else:
+                out_ND = expert_ffn(x_ND, weights_NX, experts_NX, self.w_gate[...], self.w_up[...],
+                                    self.w_down[...])
         elif self.cfg.moe_impl in ("ep", "ep_ragged"):  # experts sharded over the ambient mesh's "expert"
             # axis, tokens moved by all_to_all (sharding/expert_parallel.py); without such a mesh it is the local
             # FFN itself: grouped tiles (CPU), or ragged_dot ("ep_ragged": TPU, and what pod plans compile).
