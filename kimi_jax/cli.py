@@ -8,6 +8,7 @@ import sys
 import traceback
 
 from kimi_jax.cli_plan import add_plan
+from kimi_jax.cli_serve import add_serve
 from kimi_jax.cli_train import add_bench, add_export, add_finetune
 
 
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_export(sub)
     add_bench(sub)
     add_plan(sub)
+    add_serve(sub)
     return parser
 
 

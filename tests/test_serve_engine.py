@@ -127,11 +127,14 @@ def test_bad_requests_are_refused_with_the_field_named(demo):
     engine = Engine(model, tok, EngineConfig(max_batch=2, page_size=8, max_context=64, max_queue=2))
     cases = [(Request(()), "prompt: needs at least one token"),
              (Request(tuple(range(64))), "prompt: 64 tokens leave no room"),
-             (Request((1, 2, 999)), r"prompt: token ids must lie in \[0, 275\)"),
+             (Request((1, 2, 999)), r"prompt: token ids must be integers in \[0, 275\)"),
+             (Request((1, 2.5)), "prompt: token ids must be integers"),
              (Request((1,), temperature=-1.0), "temperature"),
              (Request((1,), temperature=float("nan")), "temperature"),
              (Request((1,), top_p=0.0), "top_p"),
              (Request((1,), top_k=-2), "top_k"),
+             (Request((1,), seed=-1), "seed"),
+             (Request((1,), seed=2**32), "seed"),
              (Request((1,), max_tokens=0), "max_tokens")]
     for request, message in cases:
         with pytest.raises(RequestError, match=message):

@@ -243,14 +243,16 @@ class Engine:
         if n >= limit:
             raise RequestError(f"prompt: {n} tokens leave no room to generate within the context limit of "
                                f"{limit} tokens")
-        if any(not 0 <= t < self.vocab_size for t in r.prompt):
-            raise RequestError(f"prompt: token ids must lie in [0, {self.vocab_size})")
+        if any(not isinstance(t, (int, np.integer)) or not 0 <= t < self.vocab_size for t in r.prompt):
+            raise RequestError(f"prompt: token ids must be integers in [0, {self.vocab_size})")
         if r.max_tokens is not None and r.max_tokens < 1:
             raise RequestError(f"max_tokens: must be >= 1, got {r.max_tokens}")
         if not (math.isfinite(r.temperature) and r.temperature >= 0):
             raise RequestError(f"temperature: must be a finite number >= 0, got {r.temperature}")
-        if r.top_k < 0:
-            raise RequestError(f"top_k: must be >= 0, got {r.top_k}")
+        if not 0 <= r.top_k < 2**31:
+            raise RequestError(f"top_k: must lie in [0, 2**31), got {r.top_k}")
+        if r.seed is not None and not 0 <= r.seed < 2**32:
+            raise RequestError(f"seed: must lie in [0, 2**32), got {r.seed}")
         if not 0 < r.top_p <= 1:
             raise RequestError(f"top_p: must lie in (0, 1], got {r.top_p}")
         if r.stop_strings and self.tokenizer is None:
@@ -287,6 +289,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self._stopping = False  # start() may run it again
 
     def _run(self) -> None:
         while True:
@@ -329,11 +332,11 @@ class Engine:
 
     def _admit(self) -> None:
         with self._lock:
+            for handle in [h for h in self._waiting if h.cancelled]:  # cancelled while waiting: gone at once
+                self._waiting.remove(handle)
+                handle._push(Event([], finish_reason="cancelled"))
             while self._waiting and None in self._slots:
                 handle = self._waiting[0]
-                if handle.cancelled:
-                    self._waiting.popleft()._push(Event([], finish_reason="cancelled"))
-                    continue
                 need = self._pages_needed(handle.request)
                 if need > len(self.free_pages):
                     break  # first come, first served: later requests wait behind this one
@@ -346,9 +349,10 @@ class Engine:
                 self._page_table[slot, :need] = pages
 
     def _finish(self, seq: _Sequence, reason: str, error: str | None = None) -> None:
-        self._slots[seq.slot] = None
-        self._page_table[seq.slot] = self._unused_page
+        # Pages first, the slot last: `active` reaching 0 means every page is back (wait_idle relies on it).
         self.free_pages.extend(seq.pages)
+        self._page_table[seq.slot] = self._unused_page
+        self._slots[seq.slot] = None
         seq.handle._push(Event([], "", reason, error))
 
     # --------------------------------------------------------------------------------------- device programs
