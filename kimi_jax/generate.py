@@ -17,6 +17,7 @@ from flax import nnx
 
 from kimi_jax.cache import init_cache
 from kimi_jax.model import KimiForCausalLM
+from sharding.distributed import gather
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +179,7 @@ def generate(model: KimiForCausalLM, prompts: Sequence[Sequence[int] | str], max
     decode, decode_compile_s = _compiled("decode", _decode, (graphdef, params, max_new_tokens), decode_args,
                                          donate=())
     start = time.perf_counter()
-    out_BN = np.asarray(jax.block_until_ready(decode(*decode_args)))
+    out_BN = gather(jax.block_until_ready(decode(*decode_args)))  # every process gets all rows
     decode_s = time.perf_counter() - start
 
     stops = set(stop_ids or ())

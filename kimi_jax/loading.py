@@ -97,7 +97,10 @@ def model_from_tree(cfg: KimiConfig, tree: dict[str, np.ndarray], *, dtype=jnp.f
                                   f"{tuple(variable.shape)}")
         if mesh is not None:
             sharding = named_sharding(name, array.shape, variable.get_metadata()["axes"], mesh, rules)
-            value = jax.device_put(array.astype(variable.dtype), sharding)
+            # Each process builds only its own devices' shards. (device_put onto a mesh spanning several
+            # processes would first all-gather the whole array from every process to check they agree.)
+            host = array.astype(variable.dtype, copy=False)
+            value = jax.make_array_from_callback(host.shape, sharding, lambda index, host=host: host[index])
         else:
             value = jnp.asarray(array, dtype=variable.dtype)
         variable.set_value(value)
