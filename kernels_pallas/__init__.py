@@ -5,7 +5,7 @@
 - moe_gmm:     grouped matmul over expert-sorted rows (group sizes by scalar prefetch) and the expert FFN
 - moe_gmm_int4: the same over packed-INT4 experts as kimi_jax/quant.py keeps them, dequantized in VMEM
 
-The model reaches them through `KimiConfig.attention_impl` / `moe_impl` = "pallas"; off TPU they run in
-interpret mode. Block sizes are tables keyed by chip generation; README.md beside this file has the bytes,
+The model reaches them through `KimiConfig.attention_impl` / `moe_impl` = "pallas" (and moe_impl="ep_pallas"
+inside the expert-parallel MoE); under a mesh they run per shard. Off TPU they run in interpret mode. Block sizes are tables keyed by chip generation; README.md beside this file has the bytes,
 FLOPs and roofline times at Kimi K2.6 sizes.
 """

@@ -11,20 +11,31 @@ nothing there.
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 
 import jax
 import numpy as np
 
 
+def target_device() -> tuple[str, str]:
+    """(platform, device kind) the kernels are compiled for: the ambient mesh's devices when a mesh is set
+    (`jax.set_mesh`; a deviceless compile for a TPU topology sets one over its TPU descriptions while the
+    default backend is the CPU), otherwise the default backend's first device."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    if device is not None:
+        return device.platform, device.device_kind
+    return jax.default_backend(), jax.devices()[0].device_kind
+
+
 def chip_generation(generation: str | None = None) -> str:
-    """The key of the block-size tables: "v5e", "v5p", "v6e", or "default" (interpret mode, unknown chips).
-    Deviceless compiles pass it explicitly: the default backend there is the CPU."""
+    """The key of the block-size tables: "v5e", "v5p", "v6e", or "default" (interpret mode, unknown chips)."""
     if generation is not None:
         return generation
-    if jax.default_backend() != "tpu":
+    platform, kind = target_device()
+    if platform != "tpu":
         return "default"
-    kind = jax.devices()[0].device_kind.lower()  # "TPU v5p", "TPU v5 lite", "TPU v6e", "TPU v6 lite", ...
+    kind = kind.lower()  # "TPU v5p", "TPU v5" (v5p), "TPU v5 lite", "TPU v6e", "TPU v6 lite", ...
     for key, names in (("v5e", ("v5e", "v5 lite")), ("v6e", ("v6e", "v6 lite")), ("v5p", ("v5p", "v5"))):
         if any(name in kind for name in names):
             return key
@@ -40,8 +51,9 @@ def table_row(table: dict, generation: str | None):
 
 
 def default_interpret(interpret):
-    """Mosaic kernels only run on a TPU; everywhere else run the interpreter unless told otherwise."""
-    return (jax.default_backend() != "tpu") if interpret is None else interpret
+    """Mosaic kernels only run on a TPU; everywhere else run the interpreter unless told otherwise (the
+    target as `target_device` says: a deviceless TPU mesh compiles them with Mosaic)."""
+    return (target_device()[0] != "tpu") if interpret is None else interpret
 
 
 def pick_block(dim: int, target: int, quantum: int) -> int:
@@ -55,14 +67,22 @@ def pick_block(dim: int, target: int, quantum: int) -> int:
     return dim
 
 
+def eager(fn):
+    """fn() evaluated on concrete values, outside whatever the caller is inside: the kernels' wrappers compute
+    their CostEstimates while being traced, possibly under a mesh of TPUs that are not there (a deviceless
+    compile), where even an eager op would try to run on them. Tracing state and the ambient mesh are
+    per-thread, so a fresh thread sees neither."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn).result()
+
+
 def pipelined_copies(grid: tuple[int, ...], index_map, *prefetch) -> int:
     """How many times the pipeline copies one operand's block over the whole grid: the first step plus
     every step whose block index differs from the step before. `index_map` is the kernel's own index map,
     evaluated here on numpy arrays of grid coordinates (and numpy copies of the scalar-prefetch operands)."""
     ids = np.indices(grid).reshape(len(grid), -1)
-    with jax.ensure_compile_time_eval():  # called while the kernel's wrapper is being traced
-        index = index_map(*ids, *prefetch)
-    index = np.stack([np.broadcast_to(np.asarray(i), ids.shape[1:]) for i in index])
+    index = eager(lambda: [np.asarray(i) for i in index_map(*ids, *prefetch)])
+    index = np.stack([np.broadcast_to(i, ids.shape[1:]) for i in index])
     return 1 + int(np.count_nonzero(np.any(index[:, 1:] != index[:, :-1], axis=0)))
 
 

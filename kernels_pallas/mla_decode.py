@@ -16,6 +16,9 @@ Lengths arrive by scalar prefetch. Blocks past a sequence's length map to the la
 pipeline fetches nothing for them and the kernel skips them: a ragged batch reads only its real rows
 (rounded up to the block). With num_splits > 1 the cache blocks are cut into partitions that run as
 independent grid points (v5p's two TensorCores each take some) and are merged by log-sum-exp afterwards.
+With return_lse the kernel also returns each head's log-sum-exp of its scores, so that partial results over
+disjoint pieces of a cache (a cache split over devices by position) can be merged the same way
+(`merge_partials`).
 """
 
 from __future__ import annotations
@@ -115,17 +118,34 @@ def _decode_kernel(lengths_ref, q_latent_ref, q_rope_ref, latent_ref, rope_ref, 
 
 
 def _merge_splits(context_BPHL, lse_BPHN):
-    """Combine per-partition softmax results: weight each by exp(lse - max lse); empty partitions weigh 0."""
+    """Combine per-partition softmax results: weight each by exp(lse - max lse); empty partitions weigh 0.
+    Returns the merged context [B, H, L] and log-sum-exp [B, H] (-inf where every partition is empty)."""
     lse_BPH = lse_BPHN[..., 0]
     top_BH = lse_BPH.max(axis=1)
     top_BH = jnp.where(jnp.isfinite(top_BH), top_BH, 0.0)
     weight_BPH = jnp.where(jnp.isfinite(lse_BPH), jnp.exp(lse_BPH - top_BH[:, None]), 0.0)
     total_BH = weight_BPH.sum(axis=1)
     context_BHL = jnp.einsum("bph,bphl->bhl", weight_BPH, context_BPHL)
-    return context_BHL / jnp.where(total_BH > 0, total_BH, 1.0)[..., None]
+    lse_BH = jnp.where(total_BH > 0, top_BH + jnp.log(jnp.where(total_BH > 0, total_BH, 1.0)), -jnp.inf)
+    return context_BHL / jnp.where(total_BH > 0, total_BH, 1.0)[..., None], lse_BH
 
 
-def _plan(B, H, L, R, S, dtype, generation, block_s, num_splits):
+def merge_partials(value_BH_, lse_BH, psum, pmax):
+    """Merge softmax-weighted results over disjoint key sets held elsewhere (one per device of a mesh axis):
+    each piece's value (a context [B, H, ...] normalised over its own keys, or anything linear in it) weighs
+    exp(lse - max lse) / sum of those. `psum` / `pmax` reduce over the pieces (jax.lax.psum / pmax over the
+    axis inside shard_map). Pieces with no keys (lse -inf) weigh 0; a row with none anywhere stays 0."""
+    top_BH = pmax(lse_BH)
+    top_BH = jnp.where(jnp.isfinite(top_BH), top_BH, 0.0)
+    weight_BH = jnp.where(jnp.isfinite(lse_BH), jnp.exp(lse_BH - top_BH), 0.0)
+    total_BH = psum(weight_BH)
+    weight_BH_ = weight_BH.reshape(weight_BH.shape + (1,) * (value_BH_.ndim - weight_BH.ndim))
+    merged = psum(weight_BH_ * value_BH_.astype(jnp.float32))
+    total_BH_ = total_BH.reshape(total_BH.shape + (1,) * (merged.ndim - total_BH.ndim))
+    return merged / jnp.where(total_BH_ > 0, total_BH_, 1.0)
+
+
+def _plan(B, H, L, R, S, dtype, generation, block_s, num_splits, return_lse=False):
     blocks = table_row(BLOCKS, generation)
     bs = block_s or pick_block(S, blocks.block_s, LANES)  # the rope block's lane dimension
     if S % bs:
@@ -152,7 +172,7 @@ def _plan(B, H, L, R, S, dtype, generation, block_s, num_splits):
 
     in_specs = [pl.BlockSpec((None, H, L), per_sequence), pl.BlockSpec((None, H, R), per_sequence),
                 pl.BlockSpec((None, bs, L), cache_block), pl.BlockSpec((None, R, bs), rope_block)]
-    if splits > 1:
+    if splits > 1 or return_lse:
         out_specs = [pl.BlockSpec((None, None, H, L), per_split_block),
                      pl.BlockSpec((None, None, H, LANES), per_split_block)]
         out_shape = [jax.ShapeDtypeStruct((B, splits, H, L), jnp.float32),
@@ -163,11 +183,12 @@ def _plan(B, H, L, R, S, dtype, generation, block_s, num_splits):
     return bs, num_blocks, splits, per_split, grid, in_specs, out_specs, out_shape
 
 
-def cost_estimate(B, H, L, R, S, dtype, *, generation=None, block_s=None, num_splits=None) -> pl.CostEstimate:
+def cost_estimate(B, H, L, R, S, dtype, *, generation=None, block_s=None, num_splits=None,
+                  return_lse=False) -> pl.CostEstimate:
     """FLOPs and bytes of one call with every sequence at the full length S (the most the grid can move;
     a ragged batch moves less). Bytes are counted block by block from the grid and the index maps."""
     bs, num_blocks, _, _, grid, in_specs, out_specs, out_shape = _plan(
-        B, H, L, R, S, dtype, generation, block_s, num_splits)
+        B, H, L, R, S, dtype, generation, block_s, num_splits, return_lse)
     full_B = np.full(B, S, np.int32)
     dtypes = [dtype] * 4 + [o.dtype for o in out_shape]
     moved = sum(pipelined_copies(grid, spec.index_map, full_B) * block_bytes(spec.block_shape, dt)
@@ -179,20 +200,23 @@ def cost_estimate(B, H, L, R, S, dtype, *, generation=None, block_s=None, num_sp
         bytes_accessed=moved + full_B.nbytes)            # + the prefetched lengths
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "generation", "block_s", "num_splits", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "generation", "block_s", "num_splits", "interpret",
+                                             "return_lse"))
 def mla_decode(q_latent_BHL, q_rope_BHR, cache_latent_BSL, cache_rope_BSR, lengths_B, scale, *,
-               generation=None, block_s=None, num_splits=None, interpret=None):
+               generation=None, block_s=None, num_splits=None, interpret=None, return_lse=False):
     """Pallas twin of `mla_decode_reference` (same arguments; lengths are clipped to [0, S]).
     `generation` picks the block table row (default: the current chip); `block_s` / `num_splits` override it;
-    `interpret` is False on TPU, True or a `pltpu.InterpretParams` elsewhere (default: interpret off TPU)."""
+    `interpret` is False on TPU, True or a `pltpu.InterpretParams` elsewhere (default: interpret off TPU).
+    return_lse: returns (context [B, H, L] float32, log-sum-exp of the scores [B, H], -inf at length 0) for
+    `merge_partials`."""
     B, H, L = q_latent_BHL.shape
     R = q_rope_BHR.shape[-1]
     S = cache_latent_BSL.shape[1]
     dtype = cache_latent_BSL.dtype
     bs, _, splits, per_split, grid, in_specs, out_specs, out_shape = _plan(
-        B, H, L, R, S, dtype, generation, block_s, num_splits)
+        B, H, L, R, S, dtype, generation, block_s, num_splits, return_lse)
     kernel = functools.partial(_decode_kernel, scale=float(scale), block_s=bs, blocks_per_split=per_split,
-                               split=splits > 1)
+                               split=splits > 1 or return_lse)
     outs = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -202,11 +226,13 @@ def mla_decode(q_latent_BHL, q_rope_BHR, cache_latent_BSL, cache_rope_BSR, lengt
         out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         cost_estimate=cost_estimate(B, H, L, R, S, dtype, generation=generation, block_s=bs,
-                                    num_splits=splits),
+                                    num_splits=splits, return_lse=return_lse),
         interpret=default_interpret(interpret),
         name="mla_decode",
     )(jnp.clip(lengths_B, 0, S).astype(jnp.int32), q_latent_BHL.astype(dtype), q_rope_BHR.astype(dtype),
       cache_latent_BSL, jnp.swapaxes(cache_rope_BSR, 1, 2))
+    if return_lse:
+        return _merge_splits(*outs)
     if splits == 1:
         return outs[0].astype(q_latent_BHL.dtype)
-    return _merge_splits(*outs).astype(q_latent_BHL.dtype)
+    return _merge_splits(*outs)[0].astype(q_latent_BHL.dtype)

@@ -5,7 +5,9 @@ Rows of `lhs` are sorted by expert: group g owns rows [ends[g] - sizes[g], ends[
 visited once per group and each visit stores only its own rows. Empty groups get no work item (their
 weights are never read); the item list is built from the group sizes (scalar prefetch) and padded to a
 static bound, tiles_m + min(E, M) - 1, with idle items that repeat the last real one (no DMA, no work).
-The first visit of a tile zeroes the rows no group owns (the padding past sum(sizes)).
+The first visit of a tile zeroes the rows no group owns (the padding past sum(sizes)); tiles that no group
+reaches get "cover" items that only write zeros: they fetch no block (an expert-parallel receive buffer is
+mostly such rows at decode, sized for the worst case).
 
 expert_ffn: (token, expert) pairs sorted by expert, gate and up projections in one fused pass
 (silu(x @ w_gate) * (x @ w_up), reading each row tile once), the down projection, then the combine back
@@ -24,7 +26,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas._common import block_bytes, default_interpret, pick_block, pipelined_copies, table_row
+from kernels_pallas._common import block_bytes, default_interpret, eager, pick_block, pipelined_copies, table_row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +83,9 @@ def expert_ffn_reference(x_ND, weights_NX, experts_NX, w_gate_EDF, w_up_EDF, w_d
 
 def schedule(group_sizes_E, num_tiles: int, tm: int, num_work: int):
     """Work items (group, row tile) in row order, padded to num_work. Returns starts_E, ends_E, group_W,
-    tile_W, real_1 (int32): items past the groups' own cover the tiles no group reaches (rows past
-    sum(sizes)), under the last group so its weights are not fetched again; idle items repeat the last."""
+    tile_W, counts_2 = [real items, group items] (int32): items past the groups' own ("cover" items) zero the
+    tiles no group reaches (rows past sum(sizes)), under the last group so nothing is fetched again; idle items
+    past the real ones repeat the last."""
     E = group_sizes_E.shape[0]
     sizes_E = group_sizes_E.astype(jnp.int32)
     ends_E = jnp.cumsum(sizes_E)
@@ -101,14 +104,34 @@ def schedule(group_sizes_E, num_tiles: int, tm: int, num_work: int):
                        covered + w_W - group_items)
     tile_W = jnp.where(w_W < real, tile_W, num_tiles - 1)
     group_W = jnp.where(is_group_item_W, g_W, last_group)
-    return starts_E, ends_E, group_W, tile_W.astype(jnp.int32), real[None].astype(jnp.int32)
+    return (starts_E, ends_E, group_W, tile_W.astype(jnp.int32),
+            jnp.stack([real, group_items]).astype(jnp.int32))
 
 
-def _gmm_kernel(starts_ref, ends_ref, group_ref, tile_ref, real_ref, lhs_ref, *refs, num_rhs, swiglu, tm):
+def item_k(w, k, counts, k_steps: int):
+    """The contraction block of work item w at step k: cover and idle items stay on the last group item's
+    last block, so they fetch nothing."""
+    return jnp.where(w < counts[1], k, k_steps - 1)
+
+
+def item_lhs_tile(w, tile, counts):
+    """The lhs row tile of work item w: cover and idle items keep the last group item's tile (no fetch)."""
+    return tile[jnp.maximum(jnp.minimum(w, counts[1] - 1), 0)]
+
+
+def cover_tile(w, k, counts, out_ref):
+    """A cover item (a tile no group reaches) writes zeros: those rows belong to no group."""
+    @pl.when((w >= counts[1]) & (w < counts[0]) & (k == 0))
+    def _zero():
+        out_ref[...] = jnp.zeros(out_ref.shape, out_ref.dtype)
+
+
+def _gmm_kernel(starts_ref, ends_ref, group_ref, tile_ref, counts_ref, lhs_ref, *refs, num_rhs, swiglu, tm):
     rhs_refs, out_ref, acc_refs = refs[:num_rhs], refs[num_rhs], refs[num_rhs + 1:]
     w, k = pl.program_id(1), pl.program_id(2)
+    cover_tile(w, k, counts_ref, out_ref)
 
-    @pl.when(w < real_ref[0])
+    @pl.when(w < counts_ref[1])
     def _work():
         @pl.when(k == 0)
         def _zero():
@@ -141,14 +164,11 @@ def _plan(M, K, N, E, num_rhs, tm, tk, tn):
     num_tiles, num_work, k_steps = M // tm, M // tm + min(E, M) - 1, K // tk
     grid = (N // tn, num_work, k_steps)
 
-    def k_block(w, k, real):  # idle items stay on the last item's last block: no DMA
-        return jnp.where(w < real[0], k, k_steps - 1)
-
-    in_specs = [pl.BlockSpec((tm, tk), lambda n, w, k, starts, ends, group, tile, real: (
-        tile[w], k_block(w, k, real)))]
-    in_specs += [pl.BlockSpec((None, tk, tn), lambda n, w, k, starts, ends, group, tile, real: (
-        group[w], k_block(w, k, real), n))] * num_rhs
-    out_spec = pl.BlockSpec((tm, tn), lambda n, w, k, starts, ends, group, tile, real: (tile[w], n))
+    in_specs = [pl.BlockSpec((tm, tk), lambda n, w, k, starts, ends, group, tile, counts: (
+        item_lhs_tile(w, tile, counts), item_k(w, k, counts, k_steps)))]
+    in_specs += [pl.BlockSpec((None, tk, tn), lambda n, w, k, starts, ends, group, tile, counts: (
+        group[w], item_k(w, k, counts, k_steps), n))] * num_rhs
+    out_spec = pl.BlockSpec((tm, tn), lambda n, w, k, starts, ends, group, tile, counts: (tile[w], n))
     return num_tiles, num_work, grid, in_specs, out_spec
 
 
@@ -166,26 +186,65 @@ def _blocks(M, K, N, E, dtype, generation, tm, tk, tn):
     return tm, tk or pick_block(K, table.tk, 128), tn or pick_block(N, table.tn, 128)
 
 
+def estimate_schedules(M: int, E: int, tm: int, num_tiles: int, num_work: int, routing=None):
+    """The scalar-prefetch values a CostEstimate is counted on, as [(weight, prefetch operands, group items)].
+
+    routing=None: the worst case, one schedule with every work item a group item in a new group (all groups
+    non-empty, every group boundary inside a tile: the most the grid can move).
+    routing=(rows, groups): the expected case, `rows` real rows (the rest past every group) spread evenly over
+    `groups` non-empty groups; a fractional `groups` (an expectation) weighs the schedules of its floor and
+    ceiling, so the estimate is linear in it. Callers that know their routing statistics pass them (the model's
+    MoE: kimi_jax.moe.experts_pallas)."""
+    if routing is None:
+        w_W = np.arange(num_work)
+        return [(1.0, (np.zeros(E, np.int32), np.zeros(E, np.int32), w_W, np.minimum(w_W, num_tiles - 1),
+                       np.array([num_work, num_work])), num_work)]
+    rows = int(min(M, max(0, round(routing[0]))))
+    groups = min(float(routing[1]), E, rows)
+    low = int(np.floor(groups))
+    out = []
+    for g, weight in ((low, 1.0 - (groups - low)), (low + 1, groups - low)):
+        if weight <= 0:
+            continue
+        sizes_E = np.zeros(E, np.int32)
+        if g:
+            sizes_E[np.arange(g) * E // g] = np.diff(np.arange(g + 1) * rows // g)
+        prefetch = eager(lambda: tuple(np.asarray(a) for a in schedule(jnp.asarray(sizes_E), num_tiles, tm,
+                                                                        num_work)))
+        out.append((weight, prefetch, int(prefetch[-1][1])))
+    return out
+
+
+def estimate(grid, specs, dtypes, schedules, flops_per_item: int, transcendentals_per_item: int,
+             prefetched: int) -> pl.CostEstimate:
+    """A grouped matmul's CostEstimate over `estimate_schedules`: bytes counted block by block from the grid
+    and the index maps (`pipelined_copies`), FLOPs for the group items (cover and idle items compute
+    nothing)."""
+    moved = flops = transcendentals = 0.0
+    for weight, prefetch, items in schedules:
+        moved += weight * sum(pipelined_copies(grid, spec.index_map, *prefetch) * block_bytes(spec.block_shape, d)
+                              for spec, d in zip(specs, dtypes))
+        flops += weight * items * flops_per_item
+        transcendentals += weight * items * transcendentals_per_item
+    return pl.CostEstimate(flops=int(flops), transcendentals=int(transcendentals),
+                           bytes_accessed=int(moved) + prefetched)
+
+
 def cost_estimate(M, K, N, E, dtype, *, num_rhs=1, swiglu=False, generation=None, tm=None, tk=None,
-                  tn=None) -> pl.CostEstimate:
-    """FLOPs and bytes of the static grid with every work item real and each one switching group (the most
-    the grid can move: all groups non-empty, every group boundary inside a tile). Fewer non-empty groups or
-    boundaries on tile edges move less. Bytes are counted block by block from the grid and the index maps."""
+                  tn=None, routing=None) -> pl.CostEstimate:
+    """FLOPs and bytes of the grid, by default in the worst case (every work item real and each one switching
+    group); with routing=(rows, groups) for that expected occupancy (see `estimate_schedules`). Fewer
+    non-empty groups, boundaries on tile edges or rows past the groups move less."""
     tm, tk, tn = _blocks(M, K, N, E, dtype, generation, tm, tk, tn)
     num_tiles, num_work, grid, in_specs, out_spec = _plan(M, K, N, E, num_rhs, tm, tk, tn)
-    w_W = np.arange(num_work)
-    worst = (np.zeros(E, np.int32), np.zeros(E, np.int32), w_W, np.minimum(w_W, num_tiles - 1),
-             np.array([num_work]))
-    moved = sum(pipelined_copies(grid, spec.index_map, *worst) * block_bytes(spec.block_shape, dtype)
-                for spec in in_specs + [out_spec])
-    prefetched = 4 * (2 * E + 2 * num_work + 1)
-    return pl.CostEstimate(
-        flops=2 * num_work * tm * K * N * num_rhs,
-        transcendentals=num_work * tm * N if swiglu else 0,  # the sigmoid of silu
-        bytes_accessed=moved + prefetched)
+    return estimate(grid, in_specs + [out_spec], [dtype] * (len(in_specs) + 1),
+                    estimate_schedules(M, E, tm, num_tiles, num_work, routing),
+                    flops_per_item=2 * tm * K * N * num_rhs,
+                    transcendentals_per_item=tm * N if swiglu else 0,  # the sigmoid of silu
+                    prefetched=4 * (2 * E + 2 * num_work + 2))
 
 
-def _gmm_call(lhs_MK, rhs_list, group_sizes_E, *, swiglu, generation, tm, tk, tn, interpret):
+def _gmm_call(lhs_MK, rhs_list, group_sizes_E, *, swiglu, generation, tm, tk, tn, interpret, routing):
     M, K = lhs_MK.shape
     E, _, N = rhs_list[0].shape
     dtype = lhs_MK.dtype
@@ -206,31 +265,47 @@ def _gmm_call(lhs_MK, rhs_list, group_sizes_E, *, swiglu, generation, tm, tk, tn
             # double-buffered blocks plus accumulators, with headroom; v5p has 64 MiB of VMEM per core
             vmem_limit_bytes=int(min(max(32 << 20, 1.5 * vmem_bytes), 60 << 20))),
         cost_estimate=cost_estimate(M, K, N, E, dtype, num_rhs=len(rhs_list), swiglu=swiglu, tm=tm, tk=tk,
-                                    tn=tn, generation=generation),
+                                    tn=tn, generation=generation, routing=routing),
         interpret=default_interpret(interpret),
         name="moe_gmm_swiglu" if swiglu else "moe_gmm",
     )(*schedule(group_sizes_E, num_tiles, tm, num_work), lhs_MK, *[r.astype(dtype) for r in rhs_list])
 
 
-@functools.partial(jax.jit, static_argnames=("generation", "tm", "tk", "tn", "interpret"))
-def gmm(lhs_MK, rhs_EKN, group_sizes_E, *, generation=None, tm=None, tk=None, tn=None, interpret=None):
-    """Pallas twin of `gmm_reference`. Blocks default to the chip's table row; tm must divide M."""
+GMM_ARGS = ("generation", "tm", "tk", "tn", "interpret", "routing")
+
+
+@functools.partial(jax.jit, static_argnames=GMM_ARGS)
+def gmm(lhs_MK, rhs_EKN, group_sizes_E, *, generation=None, tm=None, tk=None, tn=None, interpret=None,
+        routing=None):
+    """Pallas twin of `gmm_reference`. Blocks default to the chip's table row; tm must divide M. `routing`:
+    the expected (rows, non-empty groups) the CostEstimate assumes (default: the worst case)."""
     return _gmm_call(lhs_MK, [rhs_EKN], group_sizes_E, swiglu=False, generation=generation, tm=tm, tk=tk, tn=tn,
-                     interpret=interpret)
+                     interpret=interpret, routing=routing)
 
 
-@functools.partial(jax.jit, static_argnames=("generation", "tm", "tk", "tn", "interpret"))
+@functools.partial(jax.jit, static_argnames=GMM_ARGS)
 def gmm_swiglu(lhs_MK, w_gate_EKN, w_up_EKN, group_sizes_E, *, generation=None, tm=None, tk=None, tn=None,
-               interpret=None):
+               interpret=None, routing=None):
     """Pallas twin of `gmm_swiglu_reference`: both projections from one read of each row tile."""
     return _gmm_call(lhs_MK, [w_gate_EKN, w_up_EKN], group_sizes_E, swiglu=True, generation=generation, tm=tm,
-                     tk=tk, tn=tn, interpret=interpret)
+                     tk=tk, tn=tn, interpret=interpret, routing=routing)
 
 
-@functools.partial(jax.jit, static_argnames=("generation", "tm", "interpret"))
+def expected_routing(num_pairs: float, experts_hit: float | None, E: int, P: int):
+    """The (rows, non-empty groups) of an expert FFN call for its CostEstimate: None (the worst case) unless
+    the caller gave the expected distinct experts hit; rows default to all P pairs."""
+    if experts_hit is None:
+        return None
+    return (float(min(P, num_pairs if num_pairs is not None else P)), float(min(E, experts_hit)))
+
+
+@functools.partial(jax.jit, static_argnames=("generation", "tm", "interpret", "expected_pairs", "expected_experts"))
 def expert_ffn(x_ND, weights_NX, experts_NX, w_gate_EDF, w_up_EDF, w_down_EFD, *, generation=None, tm=None,
-               interpret=None):
-    """Pallas twin of `expert_ffn_reference`: sort the pairs by expert, two grouped matmuls, combine."""
+               interpret=None, expected_pairs=None, expected_experts=None):
+    """Pallas twin of `expert_ffn_reference`: sort the pairs by expert, two grouped matmuls, combine.
+    Pairs whose expert id is >= E sort past every group and contribute zero. `expected_pairs` (real pairs,
+    default all) and `expected_experts` (distinct experts they hit) make the CostEstimates those of that
+    expected routing instead of the worst case."""
     N, D = x_ND.shape
     X = experts_NX.shape[1]
     E = w_gate_EDF.shape[0]
@@ -243,8 +318,10 @@ def expert_ffn(x_ND, weights_NX, experts_NX, w_gate_EDF, w_up_EDF, w_down_EFD, *
     # Padding rows (any token) lie past every group, so the kernels leave them zero and the combine skips them.
     token_M = jnp.concatenate([order_P // X, jnp.zeros((M - P,), order_P.dtype)])
     x_MD = jnp.take(x_ND, token_M, axis=0)
-    h_MF = gmm_swiglu(x_MD, w_gate_EDF, w_up_EDF, sizes_E, generation=generation, tm=tm, interpret=interpret)
-    y_MD = gmm(h_MF, w_down_EFD, sizes_E, generation=generation, tm=tm, interpret=interpret)
+    routing = expected_routing(expected_pairs, expected_experts, E, P)
+    h_MF = gmm_swiglu(x_MD, w_gate_EDF, w_up_EDF, sizes_E, generation=generation, tm=tm, interpret=interpret,
+                      routing=routing)
+    y_MD = gmm(h_MF, w_down_EFD, sizes_E, generation=generation, tm=tm, interpret=interpret, routing=routing)
     rank_P = jnp.zeros((P,), jnp.int32).at[order_P].set(jnp.arange(P, dtype=jnp.int32))  # sorted row of pair p
     y_NXD = jnp.take(y_MD, rank_P, axis=0).reshape(N, X, D)
     return jnp.einsum("nxd,nx->nd", y_NXD.astype(jnp.float32), weights_NX.astype(jnp.float32)).astype(x_ND.dtype)

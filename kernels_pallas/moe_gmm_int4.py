@@ -36,8 +36,10 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas._common import block_bytes, default_interpret, pick_block, pipelined_copies, table_row
-from kernels_pallas.moe_gmm import expert_ffn_reference, gmm_reference, pick_tm, schedule, store_rows
+from kernels_pallas._common import default_interpret, pick_block, table_row
+from kernels_pallas.moe_gmm import (cover_tile, estimate, estimate_schedules, expected_routing,
+                                    expert_ffn_reference, gmm_reference, item_k, item_lhs_tile, pick_tm, schedule,
+                                    store_rows)
 
 PER_WORD = 8        # int4 values per int32 word
 OFFSET = 8          # stored nibble = q + 8
@@ -159,13 +161,14 @@ def _dequantized_dots(lhs_ref, packed_ref, scale_ref, acc_ref, chunk, sub, round
     jax.lax.fori_loop(0, (words // chunk) * subs, piece, 0)
 
 
-def _gmm_int4_kernel(starts_ref, ends_ref, group_ref, tile_ref, real_ref, lhs_ref, *refs, num_rhs, swiglu, tm,
+def _gmm_int4_kernel(starts_ref, ends_ref, group_ref, tile_ref, counts_ref, lhs_ref, *refs, num_rhs, swiglu, tm,
                      chunk, sub, rounding):
     packed_refs, scale_refs = refs[0:2 * num_rhs:2], refs[1:2 * num_rhs:2]
     out_ref, acc_refs = refs[2 * num_rhs], refs[2 * num_rhs + 1:]
     w, k = pl.program_id(1), pl.program_id(2)
+    cover_tile(w, k, counts_ref, out_ref)
 
-    @pl.when(w < real_ref[0])
+    @pl.when(w < counts_ref[1])
     def _work():
         @pl.when(k == 0)
         def _zero():
@@ -185,16 +188,13 @@ def _plan(M, K, N, E, num_rhs, tm, tk, tn, group):
     num_tiles, num_work, k_steps = M // tm, M // tm + min(E, M) - 1, K // tk
     grid = (N // tn, num_work, k_steps)
 
-    def k_block(w, k, real):  # idle items stay on the last item's last block: no DMA
-        return jnp.where(w < real[0], k, k_steps - 1)
-
-    in_specs = [pl.BlockSpec((tm, tk), lambda n, w, k, starts, ends, group_W, tile, real: (
-        tile[w], k_block(w, k, real)))]
-    in_specs += [pl.BlockSpec((None, tn, tk // PER_WORD), lambda n, w, k, starts, ends, group_W, tile, real: (
-                     group_W[w], n, k_block(w, k, real))),
-                 pl.BlockSpec((None, tk // group, tn), lambda n, w, k, starts, ends, group_W, tile, real: (
-                     group_W[w], k_block(w, k, real), n))] * num_rhs
-    out_spec = pl.BlockSpec((tm, tn), lambda n, w, k, starts, ends, group_W, tile, real: (tile[w], n))
+    in_specs = [pl.BlockSpec((tm, tk), lambda n, w, k, starts, ends, group_W, tile, counts: (
+        item_lhs_tile(w, tile, counts), item_k(w, k, counts, k_steps)))]
+    in_specs += [pl.BlockSpec((None, tn, tk // PER_WORD), lambda n, w, k, starts, ends, group_W, tile, counts: (
+                     group_W[w], n, item_k(w, k, counts, k_steps))),
+                 pl.BlockSpec((None, tk // group, tn), lambda n, w, k, starts, ends, group_W, tile, counts: (
+                     group_W[w], item_k(w, k, counts, k_steps), n))] * num_rhs
+    out_spec = pl.BlockSpec((tm, tn), lambda n, w, k, starts, ends, group_W, tile, counts: (tile[w], n))
     return num_tiles, num_work, grid, in_specs, out_spec
 
 
@@ -234,26 +234,20 @@ def _check_blocks(M, K, N, group, tm, tk, tn, chunk, sub):
 
 
 def cost_estimate(M, K, N, E, dtype, scale_dtype=jnp.bfloat16, *, group_size=32, num_rhs=1, swiglu=False,
-                  generation=None, tm=None, tk=None, tn=None) -> pl.CostEstimate:
-    """As moe_gmm.cost_estimate (every work item real and a new group: the most the grid can move), with the
-    rhs bytes those of the packed words and the scales, never of dequantized weights."""
+                  generation=None, tm=None, tk=None, tn=None, routing=None) -> pl.CostEstimate:
+    """As moe_gmm.cost_estimate (the worst case, or the expected `routing`), with the rhs bytes those of the
+    packed words and the scales, never of dequantized weights."""
     tm, tk, tn, _, _ = _blocks(M, K, N, E, dtype, scale_dtype, group_size, num_rhs, generation, tm, tk, tn, 1, 1)
     num_tiles, num_work, grid, in_specs, out_spec = _plan(M, K, N, E, num_rhs, tm, tk, tn, group_size)
-    w_W = np.arange(num_work)
-    worst = (np.zeros(E, np.int32), np.zeros(E, np.int32), w_W, np.minimum(w_W, num_tiles - 1),
-             np.array([num_work]))
-    dtypes = [dtype] + [jnp.int32, scale_dtype] * num_rhs + [dtype]
-    moved = sum(pipelined_copies(grid, spec.index_map, *worst) * block_bytes(spec.block_shape, d)
-                for spec, d in zip(in_specs + [out_spec], dtypes))
-    prefetched = 4 * (2 * E + 2 * num_work + 1)
-    return pl.CostEstimate(
-        flops=2 * num_work * tm * K * N * num_rhs,
-        transcendentals=num_work * tm * N if swiglu else 0,  # the sigmoid of silu
-        bytes_accessed=moved + prefetched)
+    return estimate(grid, in_specs + [out_spec], [dtype] + [jnp.int32, scale_dtype] * num_rhs + [dtype],
+                    estimate_schedules(M, E, tm, num_tiles, num_work, routing),
+                    flops_per_item=2 * tm * K * N * num_rhs,
+                    transcendentals_per_item=tm * N if swiglu else 0,  # the sigmoid of silu
+                    prefetched=4 * (2 * E + 2 * num_work + 2))
 
 
 def _gmm_int4_call(lhs_MK, rhs_list, group_sizes_E, *, group_size, swiglu, generation, tm, tk, tn, chunk, sub,
-                   interpret):
+                   interpret, routing):
     M, K = lhs_MK.shape
     E, N, W = rhs_list[0][0].shape
     G = rhs_list[0][1].shape[-1]
@@ -288,36 +282,41 @@ def _gmm_int4_call(lhs_MK, rhs_list, group_sizes_E, *, group_size, swiglu, gener
             dimension_semantics=("parallel", "arbitrary", "arbitrary"),
             vmem_limit_bytes=int(min(max(32 << 20, 1.5 * vmem_bytes), 60 << 20))),
         cost_estimate=cost_estimate(M, K, N, E, dtype, scale_dtype, group_size=group, num_rhs=num_rhs,
-                                    swiglu=swiglu, generation=generation, tm=tm, tk=tk, tn=tn),
+                                    swiglu=swiglu, generation=generation, tm=tm, tk=tk, tn=tn, routing=routing),
         interpret=default_interpret(interpret),
         name="moe_gmm_int4_swiglu" if swiglu else "moe_gmm_int4",
     )(*schedule(group_sizes_E, num_tiles, tm, num_work), lhs_MK, *operands)
 
 
-BLOCK_ARGS = ("group_size", "generation", "tm", "tk", "tn", "chunk", "sub", "interpret")
+BLOCK_ARGS = ("group_size", "generation", "tm", "tk", "tn", "chunk", "sub", "interpret", "routing")
 
 
 @functools.partial(jax.jit, static_argnames=BLOCK_ARGS)
 def gmm_int4(lhs_MK, rhs, group_sizes_E, *, group_size=32, generation=None, tm=None, tk=None, tn=None, chunk=None,
-             sub=None, interpret=None):
-    """Pallas twin of `gmm_int4_reference`; rhs = (packed_ENW, scale_ENG). Blocks default to the chip's row."""
+             sub=None, interpret=None, routing=None):
+    """Pallas twin of `gmm_int4_reference`; rhs = (packed_ENW, scale_ENG). Blocks default to the chip's row;
+    `routing` as in moe_gmm.gmm."""
     return _gmm_int4_call(lhs_MK, [rhs], group_sizes_E, group_size=group_size, swiglu=False,
-                          generation=generation, tm=tm, tk=tk, tn=tn, chunk=chunk, sub=sub, interpret=interpret)
+                          generation=generation, tm=tm, tk=tk, tn=tn, chunk=chunk, sub=sub, interpret=interpret,
+                          routing=routing)
 
 
 @functools.partial(jax.jit, static_argnames=BLOCK_ARGS)
 def gmm_swiglu_int4(lhs_MK, w_gate, w_up, group_sizes_E, *, group_size=32, generation=None, tm=None, tk=None,
-                    tn=None, chunk=None, sub=None, interpret=None):
+                    tn=None, chunk=None, sub=None, interpret=None, routing=None):
     """Pallas twin of `gmm_swiglu_int4_reference`: both projections from one read of each row tile."""
     return _gmm_int4_call(lhs_MK, [w_gate, w_up], group_sizes_E, group_size=group_size, swiglu=True,
-                          generation=generation, tm=tm, tk=tk, tn=tn, chunk=chunk, sub=sub, interpret=interpret)
+                          generation=generation, tm=tm, tk=tk, tn=tn, chunk=chunk, sub=sub, interpret=interpret,
+                          routing=routing)
 
 
-@functools.partial(jax.jit, static_argnames=("group_size", "generation", "tm", "interpret"))
+@functools.partial(jax.jit, static_argnames=("group_size", "generation", "tm", "interpret", "expected_pairs",
+                                             "expected_experts"))
 def expert_ffn_int4(x_ND, weights_NX, experts_NX, w_gate, w_up, w_down, *, group_size=32, generation=None, tm=None,
-                    interpret=None):
+                    interpret=None, expected_pairs=None, expected_experts=None):
     """Pallas twin of `expert_ffn_int4_reference` (moe_gmm.expert_ffn with packed weights): each w_* is
-    (packed_ENW, scale_ENG) of the logical stacks [E, D, F], [E, D, F], [E, F, D]."""
+    (packed_ENW, scale_ENG) of the logical stacks [E, D, F], [E, D, F], [E, F, D]. Pairs with expert id >= E
+    contribute zero; `expected_pairs` / `expected_experts` as in moe_gmm.expert_ffn."""
     N, D = x_ND.shape
     X = experts_NX.shape[1]
     E = w_gate[0].shape[0]
@@ -331,9 +330,11 @@ def expert_ffn_int4(x_ND, weights_NX, experts_NX, w_gate, w_up, w_down, *, group
     # Padding rows (any token) lie past every group, so the kernels leave them zero and the combine skips them.
     token_M = jnp.concatenate([order_P // X, jnp.zeros((M - P,), order_P.dtype)])
     x_MD = jnp.take(x_ND, token_M, axis=0)
+    routing = expected_routing(expected_pairs, expected_experts, E, P)
     h_MF = gmm_swiglu_int4(x_MD, w_gate, w_up, sizes_E, group_size=group_size, generation=generation, tm=tm,
-                           interpret=interpret)
-    y_MD = gmm_int4(h_MF, w_down, sizes_E, group_size=group_size, generation=generation, tm=tm, interpret=interpret)
+                           interpret=interpret, routing=routing)
+    y_MD = gmm_int4(h_MF, w_down, sizes_E, group_size=group_size, generation=generation, tm=tm, interpret=interpret,
+                    routing=routing)
     rank_P = jnp.zeros((P,), jnp.int32).at[order_P].set(jnp.arange(P, dtype=jnp.int32))  # sorted row of pair p
     y_NXD = jnp.take(y_MD, rank_P, axis=0).reshape(N, X, D)
     return jnp.einsum("nxd,nx->nd", y_NXD.astype(jnp.float32), weights_NX.astype(jnp.float32)).astype(x_ND.dtype)

@@ -3,18 +3,29 @@ attends directly over the compressed latent cache (kv_lora_rank latent + shared 
 
 Weights are stored per head in the layout the math uses: `w_uk_HKL` (kv_b's k_nope half) and `w_uv_HLK`
 (its v half), so absorbed decode needs no reshaping at run time.
+
+attention_impl="pallas" runs the kernels of kernels_pallas/. XLA's SPMD partitioner cannot split a
+pallas_call (it would gather the operands onto every chip), so under a mesh the kernels run per shard inside
+jax.shard_map: sequences over the batch axes and the cache positions as sharding.rules.sequence_axes lays the
+cache out, heads over "tensor" (and over axes that neither batch nor positions use). A cache split by position
+is attended flash-decoding style: each device attends over its own rows and the partial results merge by
+log-sum-exp across the position axes (two small all-reduces of [B, H] and [B, H, v_head_dim] per layer).
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-from kernels_pallas.mla_decode import mla_decode  # attention_impl="pallas" (interpreted off TPU)
+from kernels_pallas.mla_decode import merge_partials, mla_decode  # attention_impl="pallas" (interpreted off TPU)
 from kernels_pallas.mla_prefill import mla_prefill
 from kimi_jax.config import KimiConfig
 from kimi_jax.layers import apply_rope, param, rms_norm
+from sharding.rules import BATCH_AXES, sequence_axes
 
 # transformers builds q_a_layernorm and kv_a_layernorm with its RMSNorm default, not rms_norm_eps.
 INNER_NORM_EPS = 1e-6
@@ -52,20 +63,81 @@ def absorbed_attention(q_nope_BTHK, q_rope_BTHK, latent_BSL, k_rope_BSK, w_uk_HK
     return jnp.einsum("bthl,hlk->bthk", context_BTHL, w_uv_HLK)
 
 
+def _kernel_mesh():
+    """The ambient mesh (`jax.set_mesh`) when it has more than one device; None: run the kernels on the arrays
+    as given (no mesh, or already inside a shard_map, where arrays are per-device shards)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or jax.sharding.AxisType.Manual in mesh.axis_types:
+        return None
+    return mesh
+
+
+def _kernel_axes(mesh, batch: int, length: int | None, heads: int):
+    """PartitionSpec entries (batch, positions, heads) of the kernels' shards: sequences and cache positions as
+    sharding.rules.sequence_axes lays them out, heads over "tensor" and then over the batch axes left unused,
+    each while it divides the heads (so no chip computes another's heads)."""
+    batch_axes, seq_axes = sequence_axes(mesh.shape, batch, length)
+    head_axes, used = [], 1
+    for axis in ("tensor", *BATCH_AXES):
+        size = mesh.shape.get(axis, 1)
+        if size > 1 and axis not in batch_axes + seq_axes and heads % (used * size) == 0:
+            head_axes.append(axis)
+            used *= size
+    return batch_axes or None, seq_axes or None, tuple(head_axes) or None
+
+
 def _absorbed_decode_pallas(q_nope_BTHK, q_rope_BTHK, latent_BSL, k_rope_BSK, w_uk_HKL, w_uv_HLK, positions_BT,
                             scale):
     """`absorbed_attention` for one token per sequence through the Pallas decode kernel: the token at
-    position p sees cache rows 0..p (clipped to S), exactly the mask the XLA path builds."""
+    position p sees cache rows 0..p (clipped to S), exactly the mask the XLA path builds. Under a mesh, per
+    shard (see the module docstring)."""
+    S = latent_BSL.shape[1]
+    lengths_B = jnp.minimum(positions_BT[:, 0] + 1, S)
+    args = (q_nope_BTHK, q_rope_BTHK, latent_BSL, k_rope_BSK, w_uk_HKL, w_uv_HLK, lengths_B)
+    mesh = _kernel_mesh()
+    if mesh is None:
+        return _decode_shard(*args, scale=scale, seq_axes=None)
+    b, s, h = _kernel_axes(mesh, latent_BSL.shape[0], S, w_uk_HKL.shape[0])
+    q, cache = P(b, None, h, None), P(b, s, None)
+    return jax.shard_map(partial(_decode_shard, scale=scale, seq_axes=s), mesh=mesh,
+                         in_specs=(q, q, cache, cache, P(h), P(h), P(b)), out_specs=q, check_vma=False)(*args)
+
+
+def _decode_shard(q_nope_BTHK, q_rope_BTHK, latent_BSL, k_rope_BSK, w_uk_HKL, w_uv_HLK, lengths_B, *, scale,
+                  seq_axes):
+    """One device's decode attention over its cache rows. With `seq_axes` its rows are positions
+    [i * S, (i + 1) * S) of each sequence (i: the device's index along those axes) and the partial results
+    merge across them (after w_uv, the smallest per-head width to reduce)."""
     q_latent_BHL = jnp.einsum("bhk,hkl->bhl", q_nope_BTHK[:, 0], w_uk_HKL)
-    lengths_B = jnp.minimum(positions_BT[:, 0] + 1, latent_BSL.shape[1])
-    context_BHL = mla_decode(q_latent_BHL, q_rope_BTHK[:, 0], latent_BSL, k_rope_BSK, lengths_B, scale)
-    return jnp.einsum("bhl,hlk->bhk", context_BHL, w_uv_HLK)[:, None]
+    if seq_axes is None:
+        context_BHL = mla_decode(q_latent_BHL, q_rope_BTHK[:, 0], latent_BSL, k_rope_BSK, lengths_B, scale)
+        return jnp.einsum("bhl,hlk->bhk", context_BHL, w_uv_HLK)[:, None]
+    S = latent_BSL.shape[1]
+    local_B = jnp.clip(lengths_B - jax.lax.axis_index(seq_axes) * S, 0, S)
+    context_BHL, lse_BH = mla_decode(q_latent_BHL, q_rope_BTHK[:, 0], latent_BSL, k_rope_BSK, local_B, scale,
+                                     return_lse=True)
+    out_BHK = jnp.einsum("bhl,hlk->bhk", context_BHL, w_uv_HLK.astype(jnp.float32))
+    merged_BHK = merge_partials(out_BHK, lse_BH, partial(jax.lax.psum, axis_name=seq_axes),
+                                partial(jax.lax.pmax, axis_name=seq_axes))
+    return merged_BHK.astype(q_nope_BTHK.dtype)[:, None]
 
 
 def _naive_prefill_pallas(q_nope_BTHK, q_rope_BTHK, latent_BTL, k_rope_BTK, w_uk_HKL, w_uv_HLK, scale):
     """`naive_attention` through the Pallas causal kernel. The kernel's mask is by index (token t sees
     0..t), which equals the XLA path's positions mask whenever positions increase along T, as they do for
-    every caller of the naive path (a full forward, the prefill of an empty cache)."""
+    every caller of the naive path (a full forward, the prefill of an empty cache). Under a mesh, per shard of
+    sequences and heads (the positions stay whole: a query needs every key before it)."""
+    args = (q_nope_BTHK, q_rope_BTHK, latent_BTL, k_rope_BTK, w_uk_HKL, w_uv_HLK)
+    mesh = _kernel_mesh()
+    if mesh is None:
+        return _prefill_shard(*args, scale=scale)
+    b, _, h = _kernel_axes(mesh, latent_BTL.shape[0], None, w_uk_HKL.shape[0])
+    q = P(b, None, h, None)
+    return jax.shard_map(partial(_prefill_shard, scale=scale), mesh=mesh,
+                         in_specs=(q, q, P(b), P(b), P(h), P(h)), out_specs=q, check_vma=False)(*args)
+
+
+def _prefill_shard(q_nope_BTHK, q_rope_BTHK, latent_BTL, k_rope_BTK, w_uk_HKL, w_uv_HLK, *, scale):
     k_nope_BHTK = jnp.einsum("btl,hkl->bhtk", latent_BTL, w_uk_HKL)
     v_BHTK = jnp.einsum("btl,hlk->bhtk", latent_BTL, w_uv_HLK)
     out_BHTK = mla_prefill(q_nope_BTHK.transpose(0, 2, 1, 3), q_rope_BTHK.transpose(0, 2, 1, 3), k_nope_BHTK,

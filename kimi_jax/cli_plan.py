@@ -11,17 +11,26 @@ NamedShardings), with the layers under a scan so 61 layers compile in seconds. R
 - ideal bytes, counted by hand: the weight shards the step must read (routed experts scaled by the expected
   fraction that the step's tokens choose) plus the cache shard; bytes / ideal is the program's waste;
 - a roofline step time, max(FLOPs / peak, bytes / bandwidth), and tokens/s from it.
+
+--kernels compiles the Pallas kernels (kernels_pallas/, through Mosaic) in place of the XLA attention and
+local expert FFN: attention per shard under shard_map, the expert FFN as each device's part of the
+expert-parallel MoE. cost_analysis then counts each kernel by its pl.CostEstimate; the expert FFN's is that
+of uniform routing at this step's token count (kimi_jax.moe.experts_pallas), the same expectation the ideal
+bytes use.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import time
 
 from sharding.plan import CHIPS, parse_mesh
 
 MODES = ("decode", "prefill", "train")
+LOCAL_FFNS = ("ragged", "grouped", "pallas")
+MOE_IMPL = {"ragged": "ep_ragged", "grouped": "ep", "pallas": "ep_pallas"}
 
 
 def add_plan(sub):
@@ -40,9 +49,16 @@ def add_plan(sub):
     p.add_argument("--capacity-factor", type=float, default=None,
                    help="expert-parallel dispatch capacity; default: dropless for decode, 2.0 otherwise "
                         "(a dropless buffer for a long prefill is the whole batch per destination)")
-    p.add_argument("--local-ffn", choices=("ragged", "grouped"), default="ragged",
-                   help="each device's expert FFN: lax.ragged_dot (TPU grouped matmul) or the tile loop of "
-                        "kimi_jax.moe.experts_grouped (whose loop body cost_analysis counts once)")
+    p.add_argument("--local-ffn", choices=LOCAL_FFNS, default=None,
+                   help="each device's expert FFN: lax.ragged_dot (TPU grouped matmul; the default), the tile "
+                        "loop of kimi_jax.moe.experts_grouped (whose loop body cost_analysis counts once), or the "
+                        "Pallas grouped-matmul kernels (default with --kernels)")
+    p.add_argument("--attention", choices=("xla", "pallas"), default=None,
+                   help="attention: XLA einsums (the default) or the Pallas MLA kernels per shard (default with "
+                        "--kernels)")
+    p.add_argument("--kernels", action="store_true",
+                   help="the Pallas kernels for attention and the local expert FFN (= --attention pallas "
+                        "--local-ffn pallas)")
     p.add_argument("--cost-method", choices=("scan", "unrolled"), default="scan",
                    help="per-layer cost from the scan compiled with 1 and 2 layers per iteration (2 compiles; "
                         "includes the loop's per-iteration slicing), or from unrolled 1- and 2-MoE-layer variants "
@@ -53,10 +69,11 @@ def add_plan(sub):
 
 
 def run_plan(args) -> int:
+    kernels = "pallas" if args.kernels else None
     result = plan(args.topology, args.mode, args.batch, args.context, int4=args.int4,
                   mesh_shape=parse_mesh(args.mesh) if args.mesh else None, preset_name=args.preset,
-                  capacity_factor=args.capacity_factor, local_ffn=args.local_ffn,
-                  cost_method=args.cost_method)
+                  capacity_factor=args.capacity_factor, local_ffn=args.local_ffn or kernels or "ragged",
+                  attention=args.attention or kernels or "xla", cost_method=args.cost_method)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -68,7 +85,8 @@ def run_plan(args) -> int:
         return 0
     print(f"{result['preset']} {result['mode']} on {result['topology']} ({result['chips']} chips), mesh "
           f"{result['mesh']}, batch {result['batch']}, context {result['context']}, "
-          f"{'INT4' if result['int4'] else 'bf16'} experts, MoE dispatch {result['moe_dispatch']}")
+          f"{'INT4' if result['int4'] else 'bf16'} experts, MoE dispatch {result['moe_dispatch']}, attention "
+          f"{result['attention']}")
     print(f"  HBM per chip: needs {result['hbm_needed_per_chip_bytes'] / gib:.2f} GiB of "
           f"{result['hbm_per_chip_bytes'] / gib:.0f} GiB -> {'fits' if result['fits'] else 'DOES NOT FIT'}")
     print(f"  per chip per step: {result['flops_per_step'] / 1e12:.3f} TFLOP, {result['bytes_per_step'] / gib:.2f} "
@@ -80,7 +98,8 @@ def run_plan(args) -> int:
 
 def plan(topology: str, mode: str, batch: int, context: int, *, int4: bool = False,
          mesh_shape: dict | None = None, preset_name: str = "kimi-k2.6",
-         capacity_factor: float | None = None, local_ffn: str = "ragged", cost_method: str = "scan") -> dict:
+         capacity_factor: float | None = None, local_ffn: str = "ragged", attention: str = "xla",
+         cost_method: str = "scan") -> dict:
     """The plan as a dict (the `--json` object). Raises ShardingError / ConfigError with what is wrong."""
     import jax
     import jax.numpy as jnp
@@ -97,9 +116,13 @@ def plan(topology: str, mode: str, batch: int, context: int, *, int4: bool = Fal
     chip = chip_of(topology)
     if int4 and mode == "train":
         raise ShardingError("--int4 with --mode train: packed INT4 experts are not trainable here")
+    if mode == "train" and "pallas" in (attention, local_ffn):
+        raise ShardingError("--kernels / pallas with --mode train: the Pallas kernels have no backward pass")
+    if local_ffn not in MOE_IMPL:
+        raise ShardingError(f"--local-ffn {local_ffn!r}: expected one of {LOCAL_FFNS}")
     if capacity_factor is None and mode != "decode":
         capacity_factor = 2.0
-    cfg = preset(preset_name, layer_loop="scan", moe_impl="ep_ragged" if local_ffn == "ragged" else "ep",
+    cfg = preset(preset_name, layer_loop="scan", moe_impl=MOE_IMPL[local_ffn], attention_impl=attention,
                  moe_capacity_factor=capacity_factor, expert_quant=ExpertQuant() if int4 else None,
                  remat="full" if mode == "train" else "none")
     train = mode == "train"
@@ -149,7 +172,7 @@ def plan(topology: str, mode: str, batch: int, context: int, *, int4: bool = Fal
         "preset": preset_name, "topology": topology, "chips": mesh.size, "mesh": dict(mesh.shape), "mode": mode,
         "batch": batch, "context": context, "int4": int4,
         "moe_dispatch": ("dropless" if capacity_factor is None else f"capacity {capacity_factor:g}")
-        + f", local {local_ffn}",
+        + f", local {local_ffn}", "attention": attention, "pallas_kernels": full["kernels"],
         "fits": mem["hbm_needed_per_chip_bytes"] <= chip.hbm_bytes,
         "hbm_per_chip_bytes": chip.hbm_bytes,
         "hbm_needed_per_chip_bytes": mem["hbm_needed_per_chip_bytes"],
@@ -174,7 +197,7 @@ def _abstract(cfg, mesh, rules, mode: str, batch: int, context: int):
 
     from kimi_jax.cache import init_cache
     from kimi_jax.model import KimiForCausalLM
-    from sharding.rules import ShardingError, named_sharding
+    from sharding.rules import ShardingError, named_sharding, sequence_axes
 
     model = nnx.eval_shape(lambda: KimiForCausalLM(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
@@ -188,24 +211,15 @@ def _abstract(cfg, mesh, rules, mode: str, batch: int, context: int):
         params.append((name, var.get_value()))
     state = nnx.from_flat_state(flat)
 
-    # Batch over the axes that do not hold weight shards along the batch: data/fsdp first, then expert
-    # (expert-parallel MoE splits tokens over every axis anyway); an explicit data axis must divide it.
-    batch_axes, used = [], 1
-    for axis in ("data", "fsdp", "expert"):
-        size = mesh.shape.get(axis, 1)
-        if size == 1:
-            continue
-        if batch % (used * size) == 0:
-            batch_axes.append(axis)
-            used *= size
-        elif axis in ("data", "fsdp"):
-            raise ShardingError(f"batch {batch} is not divisible by mesh axis {axis!r} of size {size}"
-                                + (f" (after {batch_axes})" if batch_axes else ""))
-    batch_spec = tuple(batch_axes) or None
-    # The expert axis when the batch could not take it (batch 64 on 128 chips): split the cache positions
-    # over it instead, or every chip would hold the whole cache (attention then reduces across the axis).
-    seq_axes = tuple(a for a in ("expert",) if mesh.shape.get(a, 1) > 1 and a not in batch_axes
-                     and context % mesh.shape[a] == 0) or None
+    # Batch over the axes that do not hold weight shards along the batch (data/fsdp, then expert); the expert
+    # axis, when the batch cannot take it, over the cache positions (sharding.rules.sequence_axes, the rule
+    # the attention kernels shard by). An explicit data/fsdp axis must divide the batch.
+    batch_axes, seq_axes = sequence_axes(mesh.shape, batch, context)
+    for axis in ("data", "fsdp"):
+        if mesh.shape.get(axis, 1) > 1 and axis not in batch_axes:
+            raise ShardingError(f"batch {batch} is not divisible by mesh axis {axis!r} of size {mesh.shape[axis]}"
+                                + (f" (after {list(batch_axes)})" if batch_axes else ""))
+    batch_spec, seq_axes = batch_axes or None, seq_axes or None
     tokens = NamedSharding(mesh, P(batch_spec, None))
     cache = None
     if mode != "train":
@@ -254,8 +268,11 @@ def _compile_step(cfg, mesh, rules, mode: str, batch: int, context: int) -> dict
         donate = (0,)
 
     with jax.set_mesh(mesh):
-        compiled = jax.jit(step, donate_argnums=donate).lower(*args).compile()
-    return {"compiled": compiled, "params": params, "cache": cache}
+        lowered = jax.jit(step, donate_argnums=donate).lower(*args)
+        compiled = lowered.compile()
+    # Pallas kernels lowered for Mosaic (interpreted ones would be plain loops): their names, for the report.
+    kernels = sorted(set(re.findall(r'kernel_name = "(\w+)"', lowered.as_text())))
+    return {"compiled": compiled, "params": params, "cache": cache, "kernels": kernels}
 
 
 def _ideal_bytes(params, cache, cfg, mode: str, tokens: int, expert_fraction: float) -> float:

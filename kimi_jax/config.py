@@ -24,6 +24,8 @@ _TEXT_ARCHITECTURES = {"DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "KimiK2
 _NESTED_ARCHITECTURES = {"KimiK25ForConditionalGeneration", "Kimi_K25ForConditionalGeneration"}
 _TEXT_MODEL_TYPES = {"deepseek_v3", "kimi_k2"}
 _NESTED_MODEL_TYPES = {"kimi_k25"}
+ATTENTION_IMPLS = ("xla", "pallas")
+MOE_IMPLS = ("xla", "pallas", "ep", "ep_ragged", "ep_pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,9 +99,13 @@ class KimiConfig:
     # Rematerialisation of each decoder layer in the backward pass: "none", "full" (save only layer inputs),
     # or "dots" (keep matmul outputs, recompute the rest).
     remat: str = "none"
+    # "xla", or "pallas": the kernels of kernels_pallas/ (run per shard under a mesh; interpreted off TPU).
     attention_impl: str = "xla"
+    # "xla" (grouped tiles), "pallas" (grouped-matmul kernels), or expert-parallel over the mesh's "expert" axis
+    # (sharding/expert_parallel.py) with each device's FFN as grouped tiles ("ep"), lax.ragged_dot
+    # ("ep_ragged") or the Pallas kernels ("ep_pallas").
     moe_impl: str = "xla"
-    # moe_impl="ep" only: None is dropless; a float f caps each device's dispatch to f x the mean rows per
+    # moe_impl="ep*" only: None is dropless; a float f caps each device's dispatch to f x the mean rows per
     # expert device and drops the overflow (sharding/expert_parallel.py states the rule).
     moe_capacity_factor: float | None = None
     # Routed experts held packed INT4 + scales (a checkpoint converted with --int4 keep); None: dense.
@@ -126,6 +132,10 @@ class KimiConfig:
                               "supported; kimi-jax implements sigmoid scoring with noaux_tc selection")
         if self.layer_loop not in ("scan", "unroll"):
             raise ConfigError(f"layer_loop must be 'scan' or 'unroll', got {self.layer_loop!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if self.moe_impl not in MOE_IMPLS:
+            raise ConfigError(f"moe_impl must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
         if self.remat not in ("none", "full", "dots"):
             raise ConfigError(f"remat must be 'none', 'full' or 'dots', got {self.remat!r}")
         if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:

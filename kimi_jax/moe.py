@@ -17,8 +17,9 @@ from kernels_pallas.moe_gmm import expert_ffn
 from kernels_pallas.moe_gmm_int4 import expert_ffn_int4
 from kimi_jax.config import KimiConfig
 from kimi_jax.layers import RouterBias, param, swiglu
-from kimi_jax.quant import Int4Param, expert_matrix
+from kimi_jax.quant import Int4Param, Int4Weight, expert_matrix
 from sharding.expert_parallel import experts_ragged, moe_expert_parallel
+from sharding.plan import expected_expert_fraction
 
 
 def route(x_ND, w_router_DE, bias_E, cfg: KimiConfig):
@@ -121,6 +122,31 @@ def experts_grouped(x_ND, weights_NX, experts_NX, w_gate_EDF, w_up_EDF, w_down_E
     return out_ND.astype(x_ND.dtype)
 
 
+def experts_pallas(x_RD, weights_RX, experts_RX, w_gate_EDF, w_up_EDF, w_down_EFD, *, routed=None):
+    """The expert FFN through the Pallas grouped-matmul kernels: kernels_pallas.moe_gmm.expert_ffn for dense
+    stacks, moe_gmm_int4.expert_ffn_int4 for INT4 ones (the packed words and scales as kept, dequantized in
+    VMEM). Pairs whose expert id is >= E fall outside every group and contribute zero, which is what
+    moe_expert_parallel's empty buffer rows need of a local FFN.
+
+    routed=(tokens, top_k, experts): the whole step's routing (all devices), when this call holds E of
+    `experts` routed experts; the kernels' CostEstimates then count the expected traffic of uniform routing
+    (the distinct experts `tokens` tokens choose, and this call's share of their pairs) instead of the worst
+    case, so that a compiled program's cost_analysis is comparable with `kimi-jax plan`'s ideal bytes."""
+    E = jax.tree.leaves(w_gate_EDF)[0].shape[0]
+    expected = {}
+    if routed is not None:
+        tokens, top_k, total = routed
+        expected = dict(expected_pairs=tokens * top_k * E / total,
+                        expected_experts=E * expected_expert_fraction(tokens, top_k, total))
+    if isinstance(w_gate_EDF, Int4Weight):
+        packed = [(w.packed, w.scale) for w in (w_gate_EDF, w_up_EDF, w_down_EFD)]
+        return expert_ffn_int4(x_RD, weights_RX, experts_RX, *packed, group_size=w_gate_EDF.group_size, **expected)
+    return expert_ffn(x_RD, weights_RX, experts_RX, w_gate_EDF, w_up_EDF, w_down_EFD, **expected)
+
+
+LOCAL_FFN = {"ep": experts_grouped, "ep_ragged": experts_ragged, "ep_pallas": experts_pallas}
+
+
 class DenseMLP(nnx.Module):
     def __init__(self, hidden: int, intermediate: int, rngs: nnx.Rngs, dtype, mlp_axis: str = "mlp"):
         self.w_gate = param(rngs, (hidden, intermediate), ("embed", mlp_axis), dtype)
@@ -161,21 +187,17 @@ class MoE(nnx.Module):
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
         weights_NX, experts_NX = routing if routing is not None else self.route(x_ND)
-        if self.cfg.moe_impl == "pallas":  # grouped-matmul kernels (interpreted off TPU)
-            if self.cfg.expert_quant is not None:  # the packed words and scales as kept, dequantized in VMEM
-                gate, up, down = self.w_gate[...], self.w_up[...], self.w_down[...]
-                out_ND = expert_ffn_int4(x_ND, weights_NX, experts_NX, *[(w.packed, w.scale) for w in (gate, up, down)],
-                                         group_size=gate.group_size)
-            else:
-                out_ND = expert_ffn(x_ND, weights_NX, experts_NX, self.w_gate[...], self.w_up[...],
-                                    self.w_down[...])
-        elif self.cfg.moe_impl in ("ep", "ep_ragged"):  # experts sharded over the ambient mesh's "expert"
-            # axis, tokens moved by all_to_all (sharding/expert_parallel.py); without such a mesh it is the local
-            # FFN itself: grouped tiles (CPU), or ragged_dot ("ep_ragged": TPU, and what pod plans compile).
+        impl, E = self.cfg.moe_impl, self.cfg.n_routed_experts
+        routed = (B * T, self.cfg.num_experts_per_tok, E)  # the whole step's routing, for kernel cost estimates
+        if impl == "pallas":  # grouped-matmul kernels (interpreted off TPU)
+            out_ND = experts_pallas(x_ND, weights_NX, experts_NX, self.w_gate[...], self.w_up[...],
+                                    self.w_down[...], routed=routed)
+        elif impl in LOCAL_FFN:  # experts sharded over the ambient mesh's "expert" axis, tokens moved by
+            # all_to_all (sharding/expert_parallel.py); without such a mesh it is the local FFN itself: grouped
+            # tiles ("ep": CPU), ragged_dot ("ep_ragged": TPU) or the Pallas kernels ("ep_pallas").
+            local_ffn = partial(experts_pallas, routed=routed) if impl == "ep_pallas" else LOCAL_FFN[impl]
             out_ND = moe_expert_parallel(x_ND, weights_NX, experts_NX, self.w_gate[...], self.w_up[...],
-                                         self.w_down[...],
-                                         local_ffn=experts_ragged if self.cfg.moe_impl == "ep_ragged" else
-                                         experts_grouped,
+                                         self.w_down[...], local_ffn=local_ffn,
                                          capacity_factor=self.cfg.moe_capacity_factor)
         else:
             out_ND = experts_grouped(x_ND, weights_NX, experts_NX, self.w_gate[...], self.w_up[...],

@@ -14,6 +14,27 @@ SERVE = {"layers": None, "vocab": "tensor", "embed": None, "heads": "tensor", "h
 TRAIN = {**SERVE, "embed": "fsdp"}
 
 
+# Mesh axes a batch of sequences may split over, in order (the "tensor" axis holds heads instead).
+BATCH_AXES = ("data", "fsdp", "expert")
+
+
+def sequence_axes(mesh_shape, batch: int, length: int | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """How arrays of sequences [B, S, ...] (tokens, the latent cache) split over a mesh: (batch axes, position
+    axes). The batch takes the BATCH_AXES of size > 1 in order, each while it still divides the batch (the
+    expert-parallel MoE splits tokens over every axis anyway); the "expert" axis, when the batch could not
+    take it (batch 64 on 128 chips), splits the positions instead if it divides `length`, or every chip would
+    hold every sequence's whole cache. One rule for the plan's cache layout and the attention kernels' shards."""
+    batch_axes, used = [], 1
+    for axis in BATCH_AXES:
+        size = mesh_shape.get(axis, 1)
+        if size > 1 and batch % (used * size) == 0:
+            batch_axes.append(axis)
+            used *= size
+    seq_axes = tuple(a for a in ("expert",) if length is not None and mesh_shape.get(a, 1) > 1
+                     and a not in batch_axes and length % mesh_shape[a] == 0)
+    return tuple(batch_axes), seq_axes
+
+
 class ShardingError(ValueError):
     """A parameter that a mesh cannot hold as the rules say; the message names parameter, shape and axis."""
 

@@ -103,6 +103,25 @@ def test_mla_decode_equals_reference(interpret, num_splits):
     assert np.all(np.asarray(got[3]) == 0.0)  # length 0: a zero context, not NaN
 
 
+def test_mla_decode_partials_merge_to_the_whole_cache():
+    """A cache split by position in two halves (as over two devices): each half's context and log-sum-exp
+    (return_lse), merged by merge_partials, equal attention over the whole. Lengths 1 and 13 leave the second
+    half empty (lse -inf, weight 0), 40 spans both, 0 leaves both empty (a zero context)."""
+    q_latent, q_rope, latent, rope, lengths = decode_inputs(S=48)
+    want = dec.mla_decode_reference(q_latent, q_rope, latent, rope, lengths, 0.17)
+    contexts, lses = [], []
+    for start in (0, 24):
+        context, lse = run(dec.mla_decode, True, q_latent, q_rope, latent[:, start:start + 24],
+                           rope[:, start:start + 24], jnp.clip(lengths - start, 0, 24), 0.17, block_s=8,
+                           return_lse=True)
+        contexts.append(context)
+        lses.append(lse)
+    assert np.isneginf(np.asarray(lses[1][:2])).all() and np.isfinite(np.asarray(lses[0][:3])).all()
+    got = dec.merge_partials(jnp.stack(contexts), jnp.stack(lses), lambda x: x.sum(0), lambda x: x.max(0))
+    assert rel(got, want) < F32_TOL
+    assert np.all(np.asarray(got[3]) == 0.0)
+
+
 def test_mla_decode_length_one_sees_only_row_zero_and_bf16():
     q_latent, q_rope, latent, rope, _ = decode_inputs(lengths=(1, 1, 1, 1), dtype=jnp.bfloat16)
     lengths = jnp.ones(4, jnp.int32)
@@ -293,6 +312,28 @@ def test_gmm_cost_estimate_counts_the_blocks_it_moves(groups):
             assert total == params["cost_estimate"].bytes_accessed
         else:  # two empty groups: fewer work items, fewer weight blocks
             assert total < params["cost_estimate"].bytes_accessed
+
+
+def test_gmm_rows_past_the_groups_fetch_nothing_and_expected_estimate_counts_them():
+    """An expert-parallel receive buffer at decode: 6 real rows in 3 groups, all in the first of 8 row tiles,
+    the other 58 rows past every group (their expert id is the local expert count). The tiles no group reaches
+    get "cover" items that only write zeros: no weight or lhs block moves for them, so the weights move once
+    per group item. The CostEstimate for routing=(6 rows, 3 groups) counts exactly that; the default (worst
+    case) counts far more."""
+    lhs, rhs, rhs2 = gmm_inputs()
+    sizes = jnp.asarray([2, 2, 0, 2, 0], jnp.int32)
+    got = run(gmm.gmm_swiglu, True, lhs, rhs, rhs2, sizes, tm=8, tk=32, tn=48)
+    assert rel(got, gmm.gmm_swiglu_reference(lhs, rhs, rhs2, sizes)) < F32_TOL
+    assert np.all(np.asarray(got[6:]) == 0)
+    call = lambda **kw: pallas_calls(  # noqa: E731
+        lambda *a: gmm.gmm_swiglu(*a, tm=8, tk=32, tn=48, interpret=True, **kw), lhs, rhs, rhs2, sizes)[0]
+    operands, params = call(routing=(6.0, 3.0))
+    total, per_operand = moved_bytes(operands, params)
+    block = 32 * 48 * 4
+    assert per_operand[1] == per_operand[2] == 2 * 3 * 2 * block  # column blocks x group items x k steps
+    assert total == params["cost_estimate"].bytes_accessed
+    assert params["cost_estimate"].flops == 2 * 3 * 8 * 64 * 96 * 2  # group items only compute
+    assert call()[1]["cost_estimate"].bytes_accessed > 2 * total  # the worst case
 
 
 # ------------------------------------------------------------------------------------- deviceless compile

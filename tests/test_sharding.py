@@ -155,6 +155,47 @@ def test_sharded_forward_and_generate_equal_single_device(shape, tiny_expected):
         assert generate(sharded, prompts, max_new_tokens=4).tokens == expected_tokens
 
 
+def test_sharded_pallas_kernels_equal_single_device_xla():
+    """attention_impl="pallas" and moe_impl="ep_pallas" on a data=2 x expert=2 x tensor=2 mesh (kernels
+    interpreted), float32, against the single-device "xla" model. Batch 2 splits over "data"; "expert" cannot
+    take it, so the cache positions split over "expert" (16 rows: 0-7 and 8-15), and decoding at positions
+    6, 7, 8 attends with one device holding no rows, then one; heads split over "tensor" (and, in the
+    cacheless prefill, over "expert" too). Covers the prefill kernel's shards, the decode kernel's
+    cross-device log-sum-exp merge and the Pallas expert FFN as each device's part of the expert-parallel MoE."""
+    from kimi_jax.cache import init_cache
+    from sharding.rules import sequence_axes
+
+    shape = {"data": 2, "expert": 2, "tensor": 2}
+    cfg = preset("tiny", vocab_size=288, attention_impl="pallas", moe_impl="ep_pallas")
+    model = randomize(KimiForCausalLM(cfg, rngs=nnx.Rngs(7)))
+    single = nnx.merge(nnx.split(KimiForCausalLM(cfg.replace(attention_impl="xla", moe_impl="xla"),
+                                                 rngs=nnx.Rngs(7)))[0], nnx.state(model))
+    ids_BT = jax.random.randint(jax.random.key(8), (2, 9), 0, cfg.vocab_size)
+    want = nnx.jit(lambda m, x: m(x))(single, ids_BT)
+
+    mesh = make_mesh(shape)
+    batch_axes, seq_axes = sequence_axes(mesh.shape, 2, 16)
+    assert batch_axes == ("data",) and seq_axes == ("expert",)
+    sharded = place(model, mesh)
+    cache = jax.device_put(init_cache(cfg, 2, 16), NamedSharding(mesh, P(batch_axes, seq_axes, None)))
+
+    @nnx.jit(static_argnames="attend")
+    def step(m, tok, pos, cache, attend):
+        out = m.forward(tok, pos, cache, attend_cache=attend)
+        return out.logits_BTV, out.cache
+
+    with jax.set_mesh(mesh):
+        prompt, cache = step(sharded, ids_BT[:, :6], jnp.broadcast_to(jnp.arange(6), (2, 6)), cache, attend=False)
+        assert rel(prompt, want[:, :6]) < 1e-5
+        graphdef, state = nnx.split(sharded)
+        program = str(jax.make_jaxpr(lambda st, c: nnx.merge(graphdef, st).forward(
+            ids_BT[:, 6:7], jnp.full((2, 1), 6), c).logits_BTV)(state, cache))
+        assert "mla_decode" in program and "pmax" in program and "moe_gmm_swiglu" in program
+        for t in range(6, 9):
+            piece, cache = step(sharded, ids_BT[:, t:t + 1], jnp.full((2, 1), t), cache, attend=True)
+            assert rel(piece, want[:, t:t + 1]) < 1e-5
+
+
 def test_bad_meshes_name_what_is_wrong():
     from sharding.plan import parse_mesh
     from sharding.rules import ShardingError
@@ -190,13 +231,18 @@ def run_cli(capsys, *argv):
 
 
 @needs_libtpu
-@pytest.mark.parametrize("topology,mode,hbm,peaks", [("v5p:2x2x1", "decode", 95 * 2**30, (459e12, 2765e9)),
-                                                     ("v6e:2x2", "train", 32 * 2**30, (918e12, 1640e9))])
-def test_plan_compiles_small_config_for_deviceless_tpu(capsys, topology, mode, hbm, peaks):
+@pytest.mark.parametrize("topology,mode,hbm,peaks,kernels", [
+    ("v5p:2x2x1", "decode", 95 * 2**30, (459e12, 2765e9), False),
+    ("v6e:2x2", "train", 32 * 2**30, (918e12, 1640e9), False),
+    ("v5p:2x2x1", "decode", 95 * 2**30, (459e12, 2765e9), True),
+], ids=["v5p-decode", "v6e-train", "v5p-decode-kernels"])
+def test_plan_compiles_small_config_for_deviceless_tpu(capsys, topology, mode, hbm, peaks, kernels):
     code, out, err = run_cli(capsys, "--topology", topology, "--mode", mode, "--preset", "tiny", "--batch", "8",
-                             "--context", "64", "--json")
+                             "--context", "64", "--json", *(["--kernels"] if kernels else []))
     assert code == 0, err
     plan = json.loads(out)
+    # --kernels: the Pallas kernels are in the program, lowered for Mosaic (not interpreted).
+    assert plan["pallas_kernels"] == (["mla_decode", "moe_gmm", "moe_gmm_swiglu"] if kernels else [])
     assert plan["chips"] == 4 and plan["mesh"] == {"expert": 4}  # the default mesh: 8 experts, 4 chips
     assert plan["fits"] is True and plan["hbm_per_chip_bytes"] == hbm
     assert 0 < plan["hbm_needed_per_chip_bytes"] < hbm
@@ -207,16 +253,19 @@ def test_plan_compiles_small_config_for_deviceless_tpu(capsys, topology, mode, h
 
 
 @needs_libtpu
-def test_plan_cost_corrects_the_scan_body():
+@pytest.mark.parametrize("impls", [dict(moe_impl="ep_ragged"), dict(moe_impl="ep_pallas", attention_impl="pallas")],
+                         ids=["xla", "kernels"])
+def test_plan_cost_corrects_the_scan_body(impls):
     """Per-step cost of a 1 dense + 4 MoE layer model, against a fully unrolled compile of it: the raw scan
     counts its body once; the unrolled 1/2-layer difference is exact; the scan compiled with 1 and 2 layers per
     iteration is close (it also counts what the loop itself does per iteration: slicing its layer's weights and
-    cache, which the unrolled program lays out differently)."""
+    cache, which the unrolled program lays out differently). Also with the Pallas kernels, whose cost is their
+    CostEstimates, counted once per scan body like any other instruction."""
     from kimi_jax.cli_plan import _compile_step
     from sharding.plan import compiled_cost, scan_corrected, topology_mesh
     from sharding.rules import SERVE
 
-    cfg = preset("tiny", num_hidden_layers=5, layer_loop="scan", moe_impl="ep_ragged")
+    cfg = preset("tiny", num_hidden_layers=5, layer_loop="scan", **impls)
     mesh = topology_mesh("v5p:2x2x1", {"expert": 4})
     variants = {"scan": cfg, "scan2": cfg.replace(scan_unroll=2), "unrolled": cfg.replace(layer_loop="unroll"),
                 "one": cfg.replace(layer_loop="unroll", num_hidden_layers=2),
