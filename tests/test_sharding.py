@@ -211,8 +211,7 @@ def test_bad_meshes_name_what_is_wrong():
 
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
-    reason="deviceless TPU compiles need libtpu (pip install libtpu); CI installs only the `test` extra, so these "
-           "plan tests skip there")
+    reason="deviceless TPU compiles need libtpu (part of the `test` extra on Linux x86-64)")
 
 
 @pytest.fixture(autouse=True)
