@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -322,7 +323,7 @@ class Engine:
         for seq in [s for s in self._slots if s is not None and s.handle.cancelled]:
             self._finish(seq, "cancelled")
         self._admit()
-        with jax.set_mesh(self.mesh) if self.mesh is not None else _nothing():
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             prefilling = [s for s in self._slots if s is not None and not s.decoding]
             if prefilling:
                 self._prefill_chunk(min(prefilling, key=lambda s: s.handle.id))
@@ -429,14 +430,6 @@ class Engine:
         upto = max(len(seq.text) - hold, seq.sent_chars)
         text, seq.sent_chars = seq.text[seq.sent_chars:upto], upto
         seq.handle._push(Event(token_ids, text))  # when final, _finish follows with the reason
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _keys(seeds_B, counters_B):
