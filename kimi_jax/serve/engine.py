@@ -207,6 +207,7 @@ class Engine:
         self.pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
         self._graphdef, self._state = nnx.split(model)
         self._prefill_fns, self._decode_fn = _programs(self._graphdef)
+        self._decode_batches = config.decode_batches
         cache = init_paged_cache(cfg, config.total_pages, config.page_size, model.dtype)
         if mesh is not None:
             cache = jax.device_put(cache, NamedSharding(mesh, PartitionSpec()))
@@ -385,7 +386,7 @@ class Engine:
         decoding = [s if s is not None and s.decoding else None for s in self._slots]
         # Run the smallest compiled batch that holds the last generating slot: idle rows cost a full row each.
         last = max(i for i, s in enumerate(decoding) if s is not None)
-        decoding = decoding[:min(b for b in self.config.decode_batches if b > last)]
+        decoding = decoding[:min(b for b in self._decode_batches if b > last)]
         tokens_B = np.array([self.pad_id if s is None else s.generated[-1] for s in decoding], np.int32)
         positions_B = np.array([0 if s is None else len(s.request.prompt) + len(s.generated) - 1 for s in decoding],
                                np.int32)

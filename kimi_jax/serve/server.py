@@ -111,19 +111,32 @@ class _Routes:
         return JSONResponse(api.model_list(self.model_name, self.created))
 
     async def chat_completions(self, request: HTTPRequest):
+        return await self._serve(request, api.chat_prompt, "messages", "chatcmpl", self._chat_events,
+                                 self._chat_response)
+
+    async def completions(self, request: HTTPRequest):
+        return await self._serve(request, api.completion_prompt, "prompt", "cmpl", self._completion_events,
+                                 self._completion_response)
+
+    async def _serve(self, request: HTTPRequest, make_prompt, prompt_param: str, id_kind: str, events, respond):
+        """The shared route: read and check the body, render the prompt, submit; then stream `events` or
+        collect the whole reply for `respond`. Every failure is an OpenAI error body."""
         try:
             body = await self._body(request)
-            prompt = api.chat_prompt(body, self.tokenizer)
-            handle, stream, include_usage = self._submit(body, prompt, "messages")
+            prompt = make_prompt(body, self.tokenizer)
+            handle, stream, include_usage = self._submit(body, prompt, prompt_param)
         except APIError as e:
             return _error_response(e)
-        id_ = api.new_id("chatcmpl")
+        id_ = api.new_id(id_kind)
         if stream:
-            return _EventStream(self._chat_events(handle, id_, include_usage), handle)
+            return _EventStream(events(handle, id_, include_usage), handle)
         try:
             ids, text, finish = await self._collect(handle, request)
         except APIError as e:
             return _error_response(e)
+        return respond(id_, prompt, handle, ids, text, finish)
+
+    def _chat_response(self, id_, prompt, handle, ids, text, finish) -> JSONResponse:
         reply = read_reply(prompt, ids, text, self.tokenizer, handle.request.stop_ids)
         if reply.parse_error:
             log.warning("%s: the reply does not follow the chat format (%s); sent as raw text", id_, reply.parse_error)
@@ -135,20 +148,7 @@ class _Routes:
         return JSONResponse(api.chat_completion(id_, self.model_name, message, finish,
                                                 api.usage(len(prompt), len(ids))))
 
-    async def completions(self, request: HTTPRequest):
-        try:
-            body = await self._body(request)
-            prompt = api.completion_prompt(body, self.tokenizer)
-            handle, stream, include_usage = self._submit(body, prompt, "prompt")
-        except APIError as e:
-            return _error_response(e)
-        id_ = api.new_id("cmpl")
-        if stream:
-            return _EventStream(self._completion_events(handle, id_, include_usage), handle)
-        try:
-            ids, text, finish = await self._collect(handle, request)
-        except APIError as e:
-            return _error_response(e)
+    def _completion_response(self, id_, prompt, handle, ids, text, finish) -> JSONResponse:
         return JSONResponse(api.completion(id_, self.model_name, text, finish, api.usage(len(prompt), len(ids))))
 
     # ------------------------------------------------------------------------------------------------ helpers
