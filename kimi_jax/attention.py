@@ -52,6 +52,33 @@ def naive_attention(q_nope_BTHK, q_rope_BTHK, latent_BSL, k_rope_BSK, w_uk_HKL, 
     return out_BTHK, jax.lax.stop_gradient(masked.max(axis=(0, 2, 3)))
 
 
+CAUSAL_QUERY_BLOCK = 256  # query rows per block of causal_attention (CPU, T=2048: 3.4x the unblocked form)
+
+
+def causal_attention(q_nope_BTHK, q_rope_BTHK, latent_BTL, k_rope_BTK, w_uk_HKL, w_uv_HLK, positions_BT, scale,
+                     block: int = CAUSAL_QUERY_BLOCK):
+    """`naive_attention` among the T tokens of a step with the causal mask of their positions, in blocks of
+    `block` queries that each see only the keys up to the block's last token, so the masked upper triangle
+    (half the scores and softmax at long T) is never computed. Equal to naive_attention with
+    valid = positions_k <= positions_q whenever positions strictly increase along T, as they do for every
+    caller (a full forward, the prefill of an empty cache). Returns (out_BTHK, max logit per head [H])."""
+    T = q_nope_BTHK.shape[1]
+    k_nope_BHSK = jnp.einsum("bsl,hkl->bhsk", latent_BTL, w_uk_HKL)
+    v_BHSK = jnp.einsum("bsl,hlk->bhsk", latent_BTL, w_uv_HLK)
+    q_nope_BHTK, q_rope_BHTK = q_nope_BTHK.transpose(0, 2, 1, 3), q_rope_BTHK.transpose(0, 2, 1, 3)
+    outs, max_logits = [], []
+    for start in range(0, T, block):
+        end = min(start + block, T)
+        scores_BHtS = (jnp.einsum("bhtk,bhsk->bhts", q_nope_BHTK[:, :, start:end], k_nope_BHSK[:, :, :end])
+                       + jnp.einsum("bhtk,bsk->bhts", q_rope_BHTK[:, :, start:end], k_rope_BTK[:, :end])) * scale
+        valid_BtS = positions_BT[:, None, :end] <= positions_BT[:, start:end, None]
+        scores_BHtS = jnp.where(valid_BtS[:, None], scores_BHtS.astype(jnp.float32), -jnp.inf)
+        max_logits.append(scores_BHtS.max(axis=(0, 2, 3)))
+        probs_BHtS = jax.nn.softmax(scores_BHtS, axis=-1).astype(v_BHSK.dtype)
+        outs.append(jnp.einsum("bhts,bhsk->bthk", probs_BHtS, v_BHSK[:, :, :end]))
+    return jnp.concatenate(outs, axis=1), jax.lax.stop_gradient(jnp.stack(max_logits).max(axis=0))
+
+
 def absorbed_attention(q_nope_BTHK, q_rope_BTHK, latent_BSL, k_rope_BSK, w_uk_HKL, w_uv_HLK, valid_BTS, scale):
     """Weight-absorbed MLA: fold w_uk into the query and w_uv after the weighted sum, so attention runs over
     the latent rows themselves. Equal to `naive_attention` up to summation order."""
@@ -59,7 +86,12 @@ def absorbed_attention(q_nope_BTHK, q_rope_BTHK, latent_BSL, k_rope_BSK, w_uk_HK
     scores_BHTS = (jnp.einsum("bthl,bsl->bhts", q_latent_BTHL, latent_BSL)
                    + jnp.einsum("bthk,bsk->bhts", q_rope_BTHK, k_rope_BSK)) * scale
     probs_BHTS = _softmax_f32(scores_BHTS, valid_BTS[:, None]).astype(latent_BSL.dtype)
-    context_BTHL = jnp.einsum("bhts,bsl->bthl", probs_BHTS, latent_BSL)
+    if probs_BHTS.shape[2] == 1:
+        # One query (decode): a multiply-reduce over the rows. As a dot, XLA:CPU first transposes the whole
+        # latent cache (its dot kernels want the contracted dimension minor), which cost more than the dot.
+        context_BTHL = jnp.sum(probs_BHTS[:, :, 0, :, None] * latent_BSL[:, None], axis=2)[:, None]
+    else:
+        context_BTHL = jnp.einsum("bhts,bsl->bthl", probs_BHTS, latent_BSL)
     return jnp.einsum("bthl,hlk->bthk", context_BTHL, w_uv_HLK)
 
 
@@ -214,10 +246,8 @@ class MLA(nnx.Module):
             out_BTHK = _naive_prefill_pallas(q_nope_BTHK, q_rope_BTHK, latent_BTL, k_rope_BTK, self.w_uk[...],
                                              self.w_uv[...], scale)
         else:
-            valid_BTS = positions_BT[:, None, :] <= positions_BT[:, :, None]
-            out_BTHK, max_logit_H = naive_attention(q_nope_BTHK, q_rope_BTHK, latent_BTL, k_rope_BTK,
-                                                    self.w_uk[...], self.w_uv[...], valid_BTS, scale,
-                                                    return_max_logit=True)
+            out_BTHK, max_logit_H = causal_attention(q_nope_BTHK, q_rope_BTHK, latent_BTL, k_rope_BTK,
+                                                     self.w_uk[...], self.w_uv[...], positions_BT, scale)
         return jnp.einsum("bthk,hkd->btd", out_BTHK, self.wo[...]), cache, max_logit_H
 
 

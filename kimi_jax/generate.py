@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from kimi_jax.cache import init_cache
-from kimi_jax.model import KimiForCausalLM
+from kimi_jax.model import KimiForCausalLM, split_layer_views
 from sharding.distributed import gather
 
 
@@ -166,7 +166,7 @@ def generate(model: KimiForCausalLM, prompts: Sequence[Sequence[int] | str], max
     for b, p in enumerate(prompts):
         ids_BT[b, :len(p)] = p
     cache = init_cache(model.cfg, len(prompts), T + max_new_tokens, model.dtype)
-    graphdef, state = nnx.split(model)
+    graphdef, state = split_layer_views(model)
     stop = jnp.asarray(list(stop_ids) if stop_ids else [-1], jnp.int32)
 
     prefill_args = (state, jnp.asarray(ids_BT), jnp.asarray(lengths), cache)

@@ -36,7 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from kimi_jax.cache import init_paged_cache
 from kimi_jax.generate import sample_rows
-from kimi_jax.model import KimiForCausalLM
+from kimi_jax.model import KimiForCausalLM, split_layer_views
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ class Engine:
         cfg = model.cfg
         self.vocab_size = cfg.vocab_size
         self.pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
-        self._graphdef, self._state = nnx.split(model)
+        self._graphdef, self._state = split_layer_views(model)
         self._prefill_fns, self._decode_fn = _programs(self._graphdef)
         self._decode_batches = config.decode_batches
         cache = init_paged_cache(cfg, config.total_pages, config.page_size, model.dtype)
