@@ -16,7 +16,8 @@ import numpy as np
 from flax import nnx
 
 from kimi_jax.cache import init_cache
-from kimi_jax.model import KimiForCausalLM, split_layer_views
+from kimi_jax.model import KimiForCausalLM
+from kimi_jax.views import split_layer_views
 from sharding.distributed import gather
 
 

@@ -11,13 +11,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from kimi_jax.attention import MLA
 from kimi_jax.config import KimiConfig
 from kimi_jax.layers import init_array, param, rms_norm, rope_cos_sin
 from kimi_jax.moe import DenseMLP, MoE
+from kimi_jax.views import is_views
 
 
 class ModelOutput(NamedTuple):
@@ -50,51 +50,6 @@ class DecoderLayer(nnx.Module):
             stats.update(experts_BTX=experts_NX.reshape(B, T, -1), router_scores_BTE=scores_NE.reshape(B, T, -1))
             return x_BTD + out_BTD, cache, stats
         return x_BTD + self.mlp(h_BTD), cache, stats
-
-
-@jax.tree_util.register_pytree_node_class
-class LayerViews:
-    """One stacked weight [layers, ...] as separate per-layer arrays (see `layer_views`); `views[i]` is layer
-    i's array, as `stack[i]` would be."""
-
-    def __init__(self, layers):
-        self.layers = tuple(layers)
-
-    def __getitem__(self, i):
-        return self.layers[i]
-
-    def tree_flatten(self):
-        return self.layers, None
-
-    @classmethod
-    def tree_unflatten(cls, _, layers):
-        return cls(layers)
-
-
-def _is_views(x) -> bool:
-    return isinstance(x, LayerViews)
-
-
-def split_layer_views(model: "KimiForCausalLM") -> tuple[nnx.GraphDef, nnx.State]:
-    """`nnx.split(model)`, with every stacked layer weight handed over as per-layer arrays that alias the stack
-    (zero-copy on CPU) when the layer loop is unrolled. Jitted code that slices a layer out of a stack gets a
-    copy of that layer's weights from XLA:CPU on every run (measured on bench-mini decode: every layer's
-    attention and expert matrices copied each step, 21 of 56 ms); given each layer's weights as its own
-    argument it reads them in place. Under scan, or for arrays that are not on one CPU device, the state is
-    nnx.split's own."""
-    graphdef, state = nnx.split(model)
-    if model.cfg.layer_loop != "unroll":
-        return graphdef, state
-
-    def views(w):
-        if isinstance(w, jax.core.Tracer) or len(w.devices()) != 1 or next(iter(w.devices())).platform != "cpu":
-            return w
-        host = np.asarray(w)  # on CPU a view of the array's own buffer, and so is each host[i] put back
-        return LayerViews(jax.device_put(host[i], w.sharding) for i in range(w.shape[0]))
-
-    for name in model.stacks():
-        state[f"{name}_layers"]["layers"] = jax.tree.map(views, state[f"{name}_layers"]["layers"])
-    return graphdef, state
 
 
 class LayerStack(nnx.Module):
@@ -139,7 +94,7 @@ class LayerStack(nnx.Module):
 
         new_cache, stats = [], []
         for i in range(self.num_layers):
-            layer_state = jax.tree.map(lambda w: w[i], stacked, is_leaf=_is_views)
+            layer_state = jax.tree.map(lambda w: w[i], stacked, is_leaf=is_views)
             x_BTD, layer_cache, layer_stats = run_layer(x_BTD, layer_state, None if cache is None else cache[i])
             new_cache.append(layer_cache)
             stats.append(layer_stats)

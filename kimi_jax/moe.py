@@ -18,6 +18,7 @@ from kernels_pallas.moe_gmm_int4 import expert_ffn_int4
 from kimi_jax.config import KimiConfig
 from kimi_jax.layers import RouterBias, param, swiglu
 from kimi_jax.quant import Int4Param, Int4Weight, expert_matrix
+from kimi_jax.views import is_views
 from sharding.expert_parallel import experts_ragged, moe_expert_parallel
 from sharding.plan import expected_expert_fraction
 
@@ -93,29 +94,36 @@ def experts_grouped(x_ND, weights_NX, experts_NX, w_gate_EDF, w_up_EDF, w_down_E
     row_start = start_E[tile_expert] + tile_index * bm
     row_count = jnp.where(t < tiles_end_E[-1], jnp.clip(size_E[tile_expert] - tile_index * bm, 0, bm), 0)
 
+    # Per-expert arrays (kimi_jax.views, XLA:CPU): a tile picks its expert with lax.switch and reads it in
+    # place; from a stack, a dynamic slice that XLA copies first.
+    views = is_views(w_gate_EDF)
+    branches = [lambda x_bD, e=e: swiglu(x_bD, w_gate_EDF[e], w_up_EDF[e], w_down_EFD[e]) for e in range(E)] \
+        if views else None
+
     def tile_weights(i):
         # expert_matrix: a dense slice, or only this tile's expert dequantized when the stacks are INT4.
         return tuple(expert_matrix(w, tile_expert[i], x_ND.dtype) for w in (w_gate_EDF, w_up_EDF, w_down_EFD))
 
-    def compute(i, weights, y_PD):
+    def compute(i, y_PD, weights=None):
         r = row_start[i]
         x_bD = jax.lax.dynamic_slice_in_dim(x_sorted_PD, r, bm)
-        y_bD = swiglu(x_bD, *weights)
+        y_bD = jax.lax.switch(tile_expert[i], branches, x_bD) if views else swiglu(x_bD, *weights)
         keep_b = jnp.arange(bm) < row_count[i]
         old_bD = jax.lax.dynamic_slice_in_dim(y_PD, r, bm)
         return jax.lax.dynamic_update_slice_in_dim(y_PD, jnp.where(keep_b[:, None], y_bD, old_bD), r, 0)
 
     y_PD = jnp.zeros_like(x_sorted_PD)
-    if max_tiles <= UNROLLED_TILES:
+    if max_tiles <= UNROLLED_TILES and not views:
         # Few tiles (decode): a Python loop, so each expert matrix is one dynamic slice of the weights as given.
         # Inside a loop the weights become loop operands, and when they are a slice of a stacked-layers array
         # (the unrolled layer loop) XLA copies the layer's whole expert stack first (measured: 1.2 GB a step
         # on bench-mini).
         for i in range(max_tiles):
-            y_PD = jax.lax.cond(row_count[i] > 0, partial(compute, i), lambda w, y: y, tile_weights(i), y_PD)
+            y_PD = jax.lax.cond(row_count[i] > 0, lambda w, y, i=i: compute(i, y, w), lambda w, y: y,
+                                tile_weights(i), y_PD)
     else:
         y_PD = jax.lax.fori_loop(0, max_tiles, lambda i, y: jax.lax.cond(
-            row_count[i] > 0, lambda y: compute(i, tile_weights(i), y), lambda y: y, y), y_PD)
+            row_count[i] > 0, lambda y: compute(i, y, None if views else tile_weights(i)), lambda y: y, y), y_PD)
     y_sorted_PD = y_PD[:P]
     weight_P = weights_NX.reshape(P)[order_P]
     out_ND = jnp.zeros((N, D), jnp.float32).at[token_P].add(y_sorted_PD.astype(jnp.float32) * weight_P[:, None])

@@ -11,6 +11,7 @@ from kimi_jax import KimiForCausalLM, preset
 from kimi_jax.attention import absorbed_attention, causal_attention, naive_attention
 from kimi_jax.cache import init_cache
 from kimi_jax.moe import experts_grouped, experts_reference, route
+from kimi_jax.views import StackViews, split_layer_views
 from sharding import make_mesh
 from sharding.rules import SERVE, ShardingError, named_sharding
 from numerics import randomize, rel
@@ -100,9 +101,11 @@ def test_chunked_prefill_over_cache_equals_full_forward():
     assert rel(jnp.concatenate([first, second], 1), full) < 1e-5
 
 
+@pytest.mark.parametrize("views", [False, True])
 @pytest.mark.parametrize("N,E,X,block", [(1, 8, 2, None), (5, 16, 3, None), (64, 8, 2, None), (37, 12, 4, 4),
                                          (9, 64, 8, 1)])
-def test_grouped_experts_equal_reference(N, E, X, block):
+def test_grouped_experts_equal_reference(N, E, X, block, views):
+    """Stacked expert weights, and the per-expert views of kimi_jax.views (chosen by lax.switch)."""
     D, F = 16, 24
     ks = jax.random.split(jax.random.key(N * E), 6)
     x = jax.random.normal(ks[0], (N, D))
@@ -112,8 +115,37 @@ def test_grouped_experts_equal_reference(N, E, X, block):
     weights = jax.random.uniform(ks[2], (N, X), minval=0.1)
     wg, wu = jax.random.normal(ks[3], (2, E, D, F)) * 0.3
     wd = jax.random.normal(ks[4], (E, F, D)) * 0.3
-    got = jax.jit(experts_grouped, static_argnames="block")(x, weights, experts, wg, wu, wd, block=block)
+    stacks = [StackViews(list(w)) for w in (wg, wu, wd)] if views else [wg, wu, wd]
+    got = jax.jit(experts_grouped, static_argnames="block")(x, weights, experts, *stacks, block=block)
     assert rel(got, experts_reference(x, weights, experts, wg, wu, wd)) < 1e-5
+
+
+def test_layer_views_alias_the_stacks_and_equal_the_model():
+    """split_layer_views hands every layer (and routed expert) over as arrays that share the stacks' memory,
+    and forward / cached decode through them equal the model's own."""
+    cfg = preset("tiny")
+    model = randomize(KimiForCausalLM(cfg, rngs=nnx.Rngs(3)))
+    graphdef, state = split_layer_views(model)
+    stack = model.moe_layers.layers.mlp.w_gate[...]
+    views = state["moe_layers"]["layers"]["mlp"]["w_gate"].get_value()
+    L, E = stack.shape[:2]
+    assert (views.shape, views[0].shape) == (stack.shape, stack.shape[1:])
+    for i, e in [(0, 0), (L - 1, E - 1)]:
+        offset = views[i][e].unsafe_buffer_pointer() - stack.unsafe_buffer_pointer()
+        assert offset == (i * E + e) * stack[0, 0].nbytes
+    ids = jax.random.randint(jax.random.key(0), (2, 40), 0, cfg.vocab_size)
+
+    def prefill_then_step(state, ids):
+        m = nnx.merge(graphdef, state)
+        cache = init_cache(cfg, 2, 48, jnp.float32)
+        out = m.forward(ids[:, :-1], cache=cache, attend_cache=False)
+        step = m.forward(ids[:, -1:], jnp.full((2, 1), ids.shape[1] - 1), out.cache)
+        return out.logits_BTV, step.logits_BTV
+
+    got = jax.jit(prefill_then_step)(state, ids)
+    want = jax.jit(prefill_then_step)(nnx.split(model)[1], ids)
+    for g, w in zip(got, want):
+        assert rel(g, w) < 1e-5
 
 
 def test_router_bias_selects_but_does_not_weight():

@@ -36,7 +36,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from kimi_jax.cache import init_paged_cache
 from kimi_jax.generate import sample_rows
-from kimi_jax.model import KimiForCausalLM, split_layer_views
+from kimi_jax.model import KimiForCausalLM
+from kimi_jax.views import split_layer_views
 
 log = logging.getLogger(__name__)
 
