@@ -7,7 +7,9 @@ model keeps one parameter tree and no extra memory.
 
 Measured on bench-mini decode (float32, one CPU core): a step copied every layer's attention and expert
 matrices (21 of 56 ms) until layers came as views; choosing an expert among per-expert views with
-`lax.switch` reads it at 12.6 GB/s, slicing and copying it out of the stack at 6.3 GB/s.
+`lax.switch` reads it at 12.6 GB/s, slicing and copying it out of the stack at 6.3 GB/s. The price is compile
+time, a switch branch per expert per MoE layer: bench-mini's decode program compiles in 17 s instead of 7, a
+384-expert model's in 33 s instead of 4.
 """
 
 from __future__ import annotations
