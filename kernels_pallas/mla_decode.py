@@ -118,31 +118,31 @@ def _decode_kernel(lengths_ref, q_latent_ref, q_rope_ref, latent_ref, rope_ref, 
 
 
 def _merge_splits(context_BPHL, lse_BPHN):
-    """Combine per-partition softmax results: weight each by exp(lse - max lse); empty partitions weigh 0.
-    Returns the merged context [B, H, L] and log-sum-exp [B, H] (-inf where every partition is empty)."""
-    lse_BPH = lse_BPHN[..., 0]
-    top_BH = lse_BPH.max(axis=1)
-    top_BH = jnp.where(jnp.isfinite(top_BH), top_BH, 0.0)
-    weight_BPH = jnp.where(jnp.isfinite(lse_BPH), jnp.exp(lse_BPH - top_BH[:, None]), 0.0)
-    total_BH = weight_BPH.sum(axis=1)
-    context_BHL = jnp.einsum("bph,bphl->bhl", weight_BPH, context_BPHL)
-    lse_BH = jnp.where(total_BH > 0, top_BH + jnp.log(jnp.where(total_BH > 0, total_BH, 1.0)), -jnp.inf)
-    return context_BHL / jnp.where(total_BH > 0, total_BH, 1.0)[..., None], lse_BH
+    """Combine the per-partition results of one call (`merge_partials` over the partition axis). Returns the
+    merged context [B, H, L] and log-sum-exp [B, H] (-inf where every partition is empty)."""
+    over_splits = dict(axis=1, keepdims=True)
+    context_B1HL, lse_B1H = merge_partials(context_BPHL, lse_BPHN[..., 0], lambda x: x.sum(**over_splits),
+                                           lambda x: x.max(**over_splits), return_lse=True)
+    return context_B1HL[:, 0], lse_B1H[:, 0]
 
 
-def merge_partials(value_BH_, lse_BH, psum, pmax):
+def merge_partials(value_BH_, lse_BH, psum, pmax, *, return_lse=False):
     """Merge softmax-weighted results over disjoint key sets held elsewhere (one per device of a mesh axis):
     each piece's value (a context [B, H, ...] normalised over its own keys, or anything linear in it) weighs
     exp(lse - max lse) / sum of those. `psum` / `pmax` reduce over the pieces (jax.lax.psum / pmax over the
-    axis inside shard_map). Pieces with no keys (lse -inf) weigh 0; a row with none anywhere stays 0."""
+    axis inside shard_map). Pieces with no keys (lse -inf) weigh 0; a row with none anywhere stays 0.
+    return_lse: also the merged log-sum-exp (-inf for a row with no keys anywhere)."""
     top_BH = pmax(lse_BH)
     top_BH = jnp.where(jnp.isfinite(top_BH), top_BH, 0.0)
     weight_BH = jnp.where(jnp.isfinite(lse_BH), jnp.exp(lse_BH - top_BH), 0.0)
     total_BH = psum(weight_BH)
     weight_BH_ = weight_BH.reshape(weight_BH.shape + (1,) * (value_BH_.ndim - weight_BH.ndim))
     merged = psum(weight_BH_ * value_BH_.astype(jnp.float32))
-    total_BH_ = total_BH.reshape(total_BH.shape + (1,) * (merged.ndim - total_BH.ndim))
-    return merged / jnp.where(total_BH_ > 0, total_BH_, 1.0)
+    safe_total_BH = jnp.where(total_BH > 0, total_BH, 1.0)
+    merged = merged / safe_total_BH.reshape(total_BH.shape + (1,) * (merged.ndim - total_BH.ndim))
+    if not return_lse:
+        return merged
+    return merged, jnp.where(total_BH > 0, top_BH + jnp.log(safe_total_BH), -jnp.inf)
 
 
 def _plan(B, H, L, R, S, dtype, generation, block_s, num_splits, return_lse=False):

@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from kernels_pallas.mla_decode import merge_partials, mla_decode  # attention_impl="pallas" (interpreted off TPU)
+from kernels_pallas._common import target_device
 from kernels_pallas.mla_prefill import mla_prefill
 from kimi_jax.config import KimiConfig
 from kimi_jax.layers import apply_rope, param, rms_norm
@@ -86,9 +87,10 @@ def absorbed_attention(q_nope_BTHK, q_rope_BTHK, latent_BSL, k_rope_BSK, w_uk_HK
     scores_BHTS = (jnp.einsum("bthl,bsl->bhts", q_latent_BTHL, latent_BSL)
                    + jnp.einsum("bthk,bsk->bhts", q_rope_BTHK, k_rope_BSK)) * scale
     probs_BHTS = _softmax_f32(scores_BHTS, valid_BTS[:, None]).astype(latent_BSL.dtype)
-    if probs_BHTS.shape[2] == 1:
-        # One query (decode): a multiply-reduce over the rows. As a dot, XLA:CPU first transposes the whole
-        # latent cache (its dot kernels want the contracted dimension minor), which cost more than the dot.
+    if probs_BHTS.shape[2] == 1 and target_device()[0] == "cpu":
+        # One query (decode) on CPU: a multiply-reduce over the rows. As a dot, XLA:CPU first transposes the
+        # whole latent cache (its dot kernels want the contracted dimension minor), which cost more than the dot.
+        # Accelerators (and deviceless pod plans) keep the dot for their matrix units.
         context_BTHL = jnp.sum(probs_BHTS[:, :, 0, :, None] * latent_BSL[:, None], axis=2)[:, None]
     else:
         context_BTHL = jnp.einsum("bhts,bsl->bthl", probs_BHTS, latent_BSL)

@@ -29,8 +29,8 @@ import time
 from sharding.plan import CHIPS, parse_mesh
 
 MODES = ("decode", "prefill", "train")
-LOCAL_FFNS = ("ragged", "grouped", "pallas")
-MOE_IMPL = {"ragged": "ep_ragged", "grouped": "ep", "pallas": "ep_pallas"}
+MOE_IMPL = {"ragged": "ep_ragged", "grouped": "ep", "pallas": "ep_pallas"}  # --local-ffn -> moe_impl
+LOCAL_FFNS = tuple(MOE_IMPL)
 
 
 def add_plan(sub):

@@ -36,10 +36,6 @@ class StackViews:
     def shape(self) -> tuple[int, ...]:
         return (len(self.parts), *self.parts[0].shape)
 
-    @property
-    def dtype(self):
-        return self.parts[0].dtype
-
     def tree_flatten(self):
         return self.parts, None
 
@@ -57,11 +53,21 @@ def _on_one_cpu(w) -> bool:
             and next(iter(w.devices())).platform == "cpu")
 
 
-def _views(host: np.ndarray, sharding, depth: int):
-    """`depth` leading axes of `host` (a view of a CPU array's buffer) as nested StackViews."""
-    if depth == 0:
-        return jax.device_put(host, sharding)  # zero-copy: the array aliases `host`'s memory
-    return StackViews(_views(part, sharding, depth - 1) for part in host)
+def _views(w: jax.Array, depth: int) -> StackViews:
+    """The `depth` leading axes of `w` as nested StackViews of arrays that alias `w`'s buffer."""
+    host = np.asarray(w)  # on CPU, a view of the array's own buffer
+    lead = host.shape[:depth]
+    # One batched device_put for every part (generate() splits the model on each call): each part is a
+    # zero-copy array over its piece of `host`.
+    parts = jax.device_put(list(host.reshape(-1, *host.shape[depth:])), w.sharding)
+
+    def nest(parts, lead):
+        if len(lead) == 1:
+            return StackViews(parts)
+        n = len(parts) // lead[0]
+        return StackViews(nest(parts[i * n:(i + 1) * n], lead[1:]) for i in range(lead[0]))
+
+    return nest(parts, lead)
 
 
 def split_layer_views(model) -> tuple[nnx.GraphDef, nnx.State]:
@@ -79,7 +85,7 @@ def split_layer_views(model) -> tuple[nnx.GraphDef, nnx.State]:
             if _on_one_cpu(w):
                 expert_stack = (path[0] == "mlp" and path[-1] in ROUTED_EXPERT_WEIGHTS and w.ndim == 4
                                 and cfg.moe_impl == "xla")
-                variable = variable.replace(_views(np.asarray(w), w.sharding, 2 if expert_stack else 1))
+                variable = variable.replace(_views(w, 2 if expert_stack else 1))
             flat.append((path, variable))
         state[f"{name}_layers"]["layers"] = nnx.from_flat_state(flat)
     return graphdef, state

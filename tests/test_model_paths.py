@@ -17,9 +17,10 @@ from sharding.rules import SERVE, ShardingError, named_sharding
 from numerics import randomize, rel
 
 
+@pytest.mark.parametrize("T", [1, 3])  # T=1: decode's multiply-reduce context on CPU; T=3: the einsum
 @pytest.mark.parametrize("lengths", [(1, 1), (7, 3), (16, 16)])
-def test_absorbed_attention_equals_naive(lengths):
-    B, T, S, H, Kn, Kr, Kv, L = 2, 3, 16, 4, 16, 8, 12, 32
+def test_absorbed_attention_equals_naive(lengths, T):
+    B, S, H, Kn, Kr, Kv, L = 2, 16, 4, 16, 8, 12, 32
     ks = jax.random.split(jax.random.key(0), 6)
     q_nope = jax.random.normal(ks[0], (B, T, H, Kn))
     q_rope = jax.random.normal(ks[1], (B, T, H, Kr))
