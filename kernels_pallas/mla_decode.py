@@ -68,7 +68,7 @@ def mla_decode_reference(q_latent_BHL, q_rope_BHR, cache_latent_BSL, cache_rope_
     return jnp.einsum("bhs,bsl->bhl", probs_BHS, cache_latent_BSL.astype(f32)).astype(q_latent_BHL.dtype)
 
 
-def _decode_kernel(lengths_ref, q_latent_ref, q_rope_ref, latent_ref, rope_ref, *refs, scale, block_s,
+def _decode_kernel(lengths_ref, layer_ref, q_latent_ref, q_rope_ref, latent_ref, rope_ref, *refs, scale, block_s,
                    blocks_per_split, split):
     if split:
         out_ref, lse_ref, max_ref, sum_ref, acc_ref = refs
@@ -155,23 +155,25 @@ def _plan(B, H, L, R, S, dtype, generation, block_s, num_splits, return_lse=Fals
     per_split = -(-num_blocks // splits)
     grid = (B, splits, per_split)
 
-    def cache_block(b, p, j, lengths_B):
+    # Index maps get the grid point (b, p, j) and the scalar-prefetch operands: lengths [B] and the layer [1]
+    # of the cache stacks [Lyr, B, S, .] to read.
+    def cache_block(b, p, j, lengths_B, layer):
         # The last block holding a valid row (lax.div: Mosaic lowers `//` through a sign op that needs a live TPU).
         last = jax.lax.div(jnp.maximum(lengths_B[b], 1) - 1, bs)
-        return b, jnp.minimum(p * per_split + j, last), 0
+        return layer[0], b, jnp.minimum(p * per_split + j, last), 0
 
-    def rope_block(b, p, j, lengths_B):
-        b, s, _ = cache_block(b, p, j, lengths_B)
-        return b, 0, s
+    def rope_block(b, p, j, lengths_B, layer):
+        layer, b, s, _ = cache_block(b, p, j, lengths_B, layer)
+        return layer, b, 0, s
 
-    def per_sequence(b, p, j, lengths_B):
+    def per_sequence(b, p, j, lengths_B, layer):
         return b, 0, 0
 
-    def per_split_block(b, p, j, lengths_B):
+    def per_split_block(b, p, j, lengths_B, layer):
         return b, p, 0, 0
 
     in_specs = [pl.BlockSpec((None, H, L), per_sequence), pl.BlockSpec((None, H, R), per_sequence),
-                pl.BlockSpec((None, bs, L), cache_block), pl.BlockSpec((None, R, bs), rope_block)]
+                pl.BlockSpec((None, None, bs, L), cache_block), pl.BlockSpec((None, None, R, bs), rope_block)]
     if splits > 1 or return_lse:
         out_specs = [pl.BlockSpec((None, None, H, L), per_split_block),
                      pl.BlockSpec((None, None, H, LANES), per_split_block)]
@@ -189,29 +191,33 @@ def cost_estimate(B, H, L, R, S, dtype, *, generation=None, block_s=None, num_sp
     a ragged batch moves less). Bytes are counted block by block from the grid and the index maps."""
     bs, num_blocks, _, _, grid, in_specs, out_specs, out_shape = _plan(
         B, H, L, R, S, dtype, generation, block_s, num_splits, return_lse)
-    full_B = np.full(B, S, np.int32)
+    full_B, layer_0 = np.full(B, S, np.int32), np.zeros(1, np.int32)
     dtypes = [dtype] * 4 + [o.dtype for o in out_shape]
-    moved = sum(pipelined_copies(grid, spec.index_map, full_B) * block_bytes(spec.block_shape, dt)
+    moved = sum(pipelined_copies(grid, spec.index_map, full_B, layer_0) * block_bytes(spec.block_shape, dt)
                 for spec, dt in zip(in_specs + out_specs, dtypes))
     steps = B * num_blocks  # blocks holding valid rows
     return pl.CostEstimate(
         flops=steps * 2 * H * bs * (2 * L + R),          # scores over L+R, then probs @ latent over L
         transcendentals=steps * H * (bs + LANES),        # exp of the scores and of the running-max rescale
-        bytes_accessed=moved + full_B.nbytes)            # + the prefetched lengths
+        bytes_accessed=moved + full_B.nbytes + 4)        # + the prefetched lengths and layer
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "generation", "block_s", "num_splits", "interpret",
                                              "return_lse"))
-def mla_decode(q_latent_BHL, q_rope_BHR, cache_latent_BSL, cache_rope_BSR, lengths_B, scale, *,
+def mla_decode(q_latent_BHL, q_rope_BHR, cache_latent_BSL, cache_rope_BSR, lengths_B, scale, *, layer=None,
                generation=None, block_s=None, num_splits=None, interpret=None, return_lse=False):
     """Pallas twin of `mla_decode_reference` (same arguments; lengths are clipped to [0, S]).
+    `layer`: the caches are stacks of layers [Lyr, B, S, .] and this one (int32 scalar, may be traced) is
+    attended, read in place (a layer sliced out of the stacks before the call would be copied first).
     `generation` picks the block table row (default: the current chip); `block_s` / `num_splits` override it;
     `interpret` is False on TPU, True or a `pltpu.InterpretParams` elsewhere (default: interpret off TPU).
     return_lse: returns (context [B, H, L] float32, log-sum-exp of the scores [B, H], -inf at length 0) for
     `merge_partials`."""
+    if layer is None:
+        cache_latent_BSL, cache_rope_BSR, layer = cache_latent_BSL[None], cache_rope_BSR[None], 0
     B, H, L = q_latent_BHL.shape
     R = q_rope_BHR.shape[-1]
-    S = cache_latent_BSL.shape[1]
+    S = cache_latent_BSL.shape[2]
     dtype = cache_latent_BSL.dtype
     bs, _, splits, per_split, grid, in_specs, out_specs, out_shape = _plan(
         B, H, L, R, S, dtype, generation, block_s, num_splits, return_lse)
@@ -220,7 +226,7 @@ def mla_decode(q_latent_BHL, q_rope_BHR, cache_latent_BSL, cache_rope_BSR, lengt
     outs = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1, grid=grid, in_specs=in_specs, out_specs=out_specs,
+            num_scalar_prefetch=2, grid=grid, in_specs=in_specs, out_specs=out_specs,
             scratch_shapes=[pltpu.VMEM((H, LANES), jnp.float32), pltpu.VMEM((H, LANES), jnp.float32),
                             pltpu.VMEM((H, L), jnp.float32)]),
         out_shape=out_shape,
@@ -229,8 +235,8 @@ def mla_decode(q_latent_BHL, q_rope_BHR, cache_latent_BSL, cache_rope_BSR, lengt
                                     num_splits=splits, return_lse=return_lse),
         interpret=default_interpret(interpret),
         name="mla_decode",
-    )(jnp.clip(lengths_B, 0, S).astype(jnp.int32), q_latent_BHL.astype(dtype), q_rope_BHR.astype(dtype),
-      cache_latent_BSL, jnp.swapaxes(cache_rope_BSR, 1, 2))
+    )(jnp.clip(lengths_B, 0, S).astype(jnp.int32), jnp.asarray(layer, jnp.int32).reshape(1), q_latent_BHL.astype(dtype),
+      q_rope_BHR.astype(dtype), cache_latent_BSL, jnp.swapaxes(cache_rope_BSR, 2, 3))
     if return_lse:
         return _merge_splits(*outs)
     if splits == 1:

@@ -126,7 +126,8 @@ def cover_tile(w, k, counts, out_ref):
         out_ref[...] = jnp.zeros(out_ref.shape, out_ref.dtype)
 
 
-def _gmm_kernel(starts_ref, ends_ref, group_ref, tile_ref, counts_ref, lhs_ref, *refs, num_rhs, swiglu, tm):
+def _gmm_kernel(starts_ref, ends_ref, group_ref, tile_ref, counts_ref, layer_ref, lhs_ref, *refs, num_rhs, swiglu,
+                tm):
     rhs_refs, out_ref, acc_refs = refs[:num_rhs], refs[num_rhs], refs[num_rhs + 1:]
     w, k = pl.program_id(1), pl.program_id(2)
     cover_tile(w, k, counts_ref, out_ref)
@@ -164,12 +165,23 @@ def _plan(M, K, N, E, num_rhs, tm, tk, tn):
     num_tiles, num_work, k_steps = M // tm, M // tm + min(E, M) - 1, K // tk
     grid = (N // tn, num_work, k_steps)
 
-    in_specs = [pl.BlockSpec((tm, tk), lambda n, w, k, starts, ends, group, tile, counts: (
+    # Index maps get the grid point (n, w, k) and the scalar-prefetch operands of `schedule` (+ the layer).
+    in_specs = [pl.BlockSpec((tm, tk), lambda n, w, k, starts, ends, group, tile, counts, layer: (
         item_lhs_tile(w, tile, counts), item_k(w, k, counts, k_steps)))]
-    in_specs += [pl.BlockSpec((None, tk, tn), lambda n, w, k, starts, ends, group, tile, counts: (
-        group[w], item_k(w, k, counts, k_steps), n))] * num_rhs
-    out_spec = pl.BlockSpec((tm, tn), lambda n, w, k, starts, ends, group, tile, counts: (tile[w], n))
+    in_specs += [pl.BlockSpec((None, None, tk, tn), lambda n, w, k, starts, ends, group, tile, counts, layer: (
+        layer[0], group[w], item_k(w, k, counts, k_steps), n))] * num_rhs
+    out_spec = pl.BlockSpec((tm, tn), lambda n, w, k, starts, ends, group, tile, counts, layer: (tile[w], n))
     return num_tiles, num_work, grid, in_specs, out_spec
+
+
+def layer_stacks(rhs_list, layer):
+    """The rhs operands as stacks of layers [Lyr, E, ...] and the layer to read, int32 [1] (scalar prefetch).
+    Given one layer's [E, ...] (layer None), a stack of one (a free reshape). Given a stack and `layer`, the
+    kernel's index maps pick that layer's blocks, so the stack is read in place: a layer sliced out of it
+    before the call would be copied first (XLA materialises a pallas_call operand), every layer of a scan."""
+    if layer is None:
+        return [jax.tree.map(lambda a: a[None], r) for r in rhs_list], jnp.zeros((1,), jnp.int32)
+    return rhs_list, jnp.asarray(layer, jnp.int32).reshape(1)
 
 
 def pick_tm(M, E, dtype, tm_min, tm_max):
@@ -186,6 +198,9 @@ def _blocks(M, K, N, E, dtype, generation, tm, tk, tn):
     return tm, tk or pick_block(K, table.tk, 128), tn or pick_block(N, table.tn, 128)
 
 
+LAYER_0 = np.zeros(1, np.int32)  # the layer operand in cost estimates: which layer is read moves no bytes
+
+
 def estimate_schedules(M: int, E: int, tm: int, num_tiles: int, num_work: int, routing=None):
     """The scalar-prefetch values a CostEstimate is counted on, as [(weight, prefetch operands, group items)].
 
@@ -198,7 +213,7 @@ def estimate_schedules(M: int, E: int, tm: int, num_tiles: int, num_work: int, r
     if routing is None:
         w_W = np.arange(num_work)
         return [(1.0, (np.zeros(E, np.int32), np.zeros(E, np.int32), w_W, np.minimum(w_W, num_tiles - 1),
-                       np.array([num_work, num_work])), num_work)]
+                       np.array([num_work, num_work]), LAYER_0), num_work)]
     rows = int(min(M, max(0, round(routing[0]))))
     groups = min(float(routing[1]), E, rows)
     low = int(np.floor(groups))
@@ -211,7 +226,7 @@ def estimate_schedules(M: int, E: int, tm: int, num_tiles: int, num_work: int, r
             sizes_E[np.arange(g) * E // g] = np.diff(np.arange(g + 1) * rows // g)
         prefetch = eager(lambda: tuple(np.asarray(a) for a in schedule(jnp.asarray(sizes_E), num_tiles, tm,
                                                                         num_work)))
-        out.append((weight, prefetch, int(prefetch[-1][1])))
+        out.append((weight, (*prefetch, LAYER_0), int(prefetch[-1][1])))
     return out
 
 
@@ -241,12 +256,13 @@ def cost_estimate(M, K, N, E, dtype, *, num_rhs=1, swiglu=False, generation=None
                     estimate_schedules(M, E, tm, num_tiles, num_work, routing),
                     flops_per_item=2 * tm * K * N * num_rhs,
                     transcendentals_per_item=tm * N if swiglu else 0,  # the sigmoid of silu
-                    prefetched=4 * (2 * E + 2 * num_work + 2))
+                    prefetched=4 * (2 * E + 2 * num_work + 3))
 
 
-def _gmm_call(lhs_MK, rhs_list, group_sizes_E, *, swiglu, generation, tm, tk, tn, interpret, routing):
+def _gmm_call(lhs_MK, rhs_list, group_sizes_E, layer, *, swiglu, generation, tm, tk, tn, interpret, routing):
     M, K = lhs_MK.shape
-    E, _, N = rhs_list[0].shape
+    rhs_list, layer_1 = layer_stacks(rhs_list, layer)
+    E, _, N = rhs_list[0].shape[1:]
     dtype = lhs_MK.dtype
     tm, tk, tn = _blocks(M, K, N, E, dtype, generation, tm, tk, tn)
     if M % tm or K % tk or N % tn:
@@ -257,7 +273,7 @@ def _gmm_call(lhs_MK, rhs_list, group_sizes_E, *, swiglu, generation, tm, tk, tn
     return pl.pallas_call(
         functools.partial(_gmm_kernel, num_rhs=len(rhs_list), swiglu=swiglu, tm=tm),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=5, grid=grid, in_specs=in_specs, out_specs=out_spec,
+            num_scalar_prefetch=6, grid=grid, in_specs=in_specs, out_specs=out_spec,
             scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32) for _ in rhs_list]),
         out_shape=jax.ShapeDtypeStruct((M, N), dtype),
         compiler_params=pltpu.CompilerParams(
@@ -268,27 +284,30 @@ def _gmm_call(lhs_MK, rhs_list, group_sizes_E, *, swiglu, generation, tm, tk, tn
                                     tn=tn, generation=generation, routing=routing),
         interpret=default_interpret(interpret),
         name="moe_gmm_swiglu" if swiglu else "moe_gmm",
-    )(*schedule(group_sizes_E, num_tiles, tm, num_work), lhs_MK, *[r.astype(dtype) for r in rhs_list])
+    )(*schedule(group_sizes_E, num_tiles, tm, num_work), layer_1, lhs_MK, *[r.astype(dtype) for r in rhs_list])
 
 
 GMM_ARGS = ("generation", "tm", "tk", "tn", "interpret", "routing")
 
 
 @functools.partial(jax.jit, static_argnames=GMM_ARGS)
-def gmm(lhs_MK, rhs_EKN, group_sizes_E, *, generation=None, tm=None, tk=None, tn=None, interpret=None,
+def gmm(lhs_MK, rhs_EKN, group_sizes_E, *, layer=None, generation=None, tm=None, tk=None, tn=None, interpret=None,
         routing=None):
     """Pallas twin of `gmm_reference`. Blocks default to the chip's table row; tm must divide M. `routing`:
-    the expected (rows, non-empty groups) the CostEstimate assumes (default: the worst case)."""
-    return _gmm_call(lhs_MK, [rhs_EKN], group_sizes_E, swiglu=False, generation=generation, tm=tm, tk=tk, tn=tn,
-                     interpret=interpret, routing=routing)
+    the expected (rows, non-empty groups) the CostEstimate assumes (default: the worst case). `layer`: rhs is
+    a stack of layers [Lyr, E, K, N] and this (int32 scalar, may be traced) is the one to use, read in place
+    (see `layer_stacks`); the result is gmm_reference(lhs, rhs[layer], group_sizes)."""
+    return _gmm_call(lhs_MK, [rhs_EKN], group_sizes_E, layer, swiglu=False, generation=generation, tm=tm, tk=tk,
+                     tn=tn, interpret=interpret, routing=routing)
 
 
 @functools.partial(jax.jit, static_argnames=GMM_ARGS)
-def gmm_swiglu(lhs_MK, w_gate_EKN, w_up_EKN, group_sizes_E, *, generation=None, tm=None, tk=None, tn=None,
-               interpret=None, routing=None):
-    """Pallas twin of `gmm_swiglu_reference`: both projections from one read of each row tile."""
-    return _gmm_call(lhs_MK, [w_gate_EKN, w_up_EKN], group_sizes_E, swiglu=True, generation=generation, tm=tm,
-                     tk=tk, tn=tn, interpret=interpret, routing=routing)
+def gmm_swiglu(lhs_MK, w_gate_EKN, w_up_EKN, group_sizes_E, *, layer=None, generation=None, tm=None, tk=None,
+               tn=None, interpret=None, routing=None):
+    """Pallas twin of `gmm_swiglu_reference`: both projections from one read of each row tile (`layer` as in
+    `gmm`)."""
+    return _gmm_call(lhs_MK, [w_gate_EKN, w_up_EKN], group_sizes_E, layer, swiglu=True, generation=generation,
+                     tm=tm, tk=tk, tn=tn, interpret=interpret, routing=routing)
 
 
 def expected_routing(num_pairs: float, experts_hit: float | None, E: int, P: int):
@@ -300,15 +319,16 @@ def expected_routing(num_pairs: float, experts_hit: float | None, E: int, P: int
 
 
 @functools.partial(jax.jit, static_argnames=("generation", "tm", "interpret", "expected_pairs", "expected_experts"))
-def expert_ffn(x_ND, weights_NX, experts_NX, w_gate_EDF, w_up_EDF, w_down_EFD, *, generation=None, tm=None,
-               interpret=None, expected_pairs=None, expected_experts=None):
+def expert_ffn(x_ND, weights_NX, experts_NX, w_gate_EDF, w_up_EDF, w_down_EFD, *, layer=None, generation=None,
+               tm=None, interpret=None, expected_pairs=None, expected_experts=None):
     """Pallas twin of `expert_ffn_reference`: sort the pairs by expert, two grouped matmuls, combine.
     Pairs whose expert id is >= E sort past every group and contribute zero. `expected_pairs` (real pairs,
     default all) and `expected_experts` (distinct experts they hit) make the CostEstimates those of that
-    expected routing instead of the worst case."""
+    expected routing instead of the worst case. `layer`: the weights are stacks of layers [Lyr, E, ...] and
+    this one is used, read in place (as in `gmm`)."""
     N, D = x_ND.shape
     X = experts_NX.shape[1]
-    E = w_gate_EDF.shape[0]
+    E = w_gate_EDF.shape[-3]
     P = N * X
     tm, _, _ = _blocks(P, D, D, E, x_ND.dtype, generation, tm, None, None)
     M = -(-P // tm) * tm
@@ -319,9 +339,10 @@ def expert_ffn(x_ND, weights_NX, experts_NX, w_gate_EDF, w_up_EDF, w_down_EFD, *
     token_M = jnp.concatenate([order_P // X, jnp.zeros((M - P,), order_P.dtype)])
     x_MD = jnp.take(x_ND, token_M, axis=0)
     routing = expected_routing(expected_pairs, expected_experts, E, P)
-    h_MF = gmm_swiglu(x_MD, w_gate_EDF, w_up_EDF, sizes_E, generation=generation, tm=tm, interpret=interpret,
-                      routing=routing)
-    y_MD = gmm(h_MF, w_down_EFD, sizes_E, generation=generation, tm=tm, interpret=interpret, routing=routing)
+    h_MF = gmm_swiglu(x_MD, w_gate_EDF, w_up_EDF, sizes_E, layer=layer, generation=generation, tm=tm,
+                      interpret=interpret, routing=routing)
+    y_MD = gmm(h_MF, w_down_EFD, sizes_E, layer=layer, generation=generation, tm=tm, interpret=interpret,
+               routing=routing)
     rank_P = jnp.zeros((P,), jnp.int32).at[order_P].set(jnp.arange(P, dtype=jnp.int32))  # sorted row of pair p
     y_NXD = jnp.take(y_MD, rank_P, axis=0).reshape(N, X, D)
     return jnp.einsum("nxd,nx->nd", y_NXD.astype(jnp.float32), weights_NX.astype(jnp.float32)).astype(x_ND.dtype)

@@ -38,8 +38,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas._common import default_interpret, pick_block, table_row
 from kernels_pallas.moe_gmm import (cover_tile, estimate, estimate_schedules, expected_routing,
-                                    expert_ffn_reference, gmm_reference, item_k, item_lhs_tile, pick_tm, schedule,
-                                    store_rows)
+                                    expert_ffn_reference, gmm_reference, item_k, item_lhs_tile, layer_stacks, pick_tm,
+                                    schedule, store_rows)
 
 PER_WORD = 8        # int4 values per int32 word
 OFFSET = 8          # stored nibble = q + 8
@@ -161,8 +161,8 @@ def _dequantized_dots(lhs_ref, packed_ref, scale_ref, acc_ref, chunk, sub, round
     jax.lax.fori_loop(0, (words // chunk) * subs, piece, 0)
 
 
-def _gmm_int4_kernel(starts_ref, ends_ref, group_ref, tile_ref, counts_ref, lhs_ref, *refs, num_rhs, swiglu, tm,
-                     chunk, sub, rounding):
+def _gmm_int4_kernel(starts_ref, ends_ref, group_ref, tile_ref, counts_ref, layer_ref, lhs_ref, *refs, num_rhs,
+                     swiglu, tm, chunk, sub, rounding):
     packed_refs, scale_refs = refs[0:2 * num_rhs:2], refs[1:2 * num_rhs:2]
     out_ref, acc_refs = refs[2 * num_rhs], refs[2 * num_rhs + 1:]
     w, k = pl.program_id(1), pl.program_id(2)
@@ -188,13 +188,16 @@ def _plan(M, K, N, E, num_rhs, tm, tk, tn, group):
     num_tiles, num_work, k_steps = M // tm, M // tm + min(E, M) - 1, K // tk
     grid = (N // tn, num_work, k_steps)
 
-    in_specs = [pl.BlockSpec((tm, tk), lambda n, w, k, starts, ends, group_W, tile, counts: (
+    # As moe_gmm._plan: the rhs operands are stacks of layers, read at the prefetched layer.
+    in_specs = [pl.BlockSpec((tm, tk), lambda n, w, k, starts, ends, group_W, tile, counts, layer: (
         item_lhs_tile(w, tile, counts), item_k(w, k, counts, k_steps)))]
-    in_specs += [pl.BlockSpec((None, tn, tk // PER_WORD), lambda n, w, k, starts, ends, group_W, tile, counts: (
-                     group_W[w], n, item_k(w, k, counts, k_steps))),
-                 pl.BlockSpec((None, tk // group, tn), lambda n, w, k, starts, ends, group_W, tile, counts: (
-                     group_W[w], item_k(w, k, counts, k_steps), n))] * num_rhs
-    out_spec = pl.BlockSpec((tm, tn), lambda n, w, k, starts, ends, group_W, tile, counts: (tile[w], n))
+    in_specs += [pl.BlockSpec((None, None, tn, tk // PER_WORD),
+                              lambda n, w, k, starts, ends, group_W, tile, counts, layer: (
+                                  layer[0], group_W[w], n, item_k(w, k, counts, k_steps))),
+                 pl.BlockSpec((None, None, tk // group, tn),
+                              lambda n, w, k, starts, ends, group_W, tile, counts, layer: (
+                                  layer[0], group_W[w], item_k(w, k, counts, k_steps), n))] * num_rhs
+    out_spec = pl.BlockSpec((tm, tn), lambda n, w, k, starts, ends, group_W, tile, counts, layer: (tile[w], n))
     return num_tiles, num_work, grid, in_specs, out_spec
 
 
@@ -243,13 +246,14 @@ def cost_estimate(M, K, N, E, dtype, scale_dtype=jnp.bfloat16, *, group_size=32,
                     estimate_schedules(M, E, tm, num_tiles, num_work, routing),
                     flops_per_item=2 * tm * K * N * num_rhs,
                     transcendentals_per_item=tm * N if swiglu else 0,  # the sigmoid of silu
-                    prefetched=4 * (2 * E + 2 * num_work + 2))
+                    prefetched=4 * (2 * E + 2 * num_work + 3))
 
 
-def _gmm_int4_call(lhs_MK, rhs_list, group_sizes_E, *, group_size, swiglu, generation, tm, tk, tn, chunk, sub,
-                   interpret, routing):
+def _gmm_int4_call(lhs_MK, rhs_list, group_sizes_E, layer, *, group_size, swiglu, generation, tm, tk, tn, chunk,
+                   sub, interpret, routing):
     M, K = lhs_MK.shape
-    E, N, W = rhs_list[0][0].shape
+    rhs_list, layer_1 = layer_stacks(rhs_list, layer)
+    E, N, W = rhs_list[0][0].shape[1:]
     G = rhs_list[0][1].shape[-1]
     rounding = rhs_list[0][1].dtype
     # Mosaic cannot load float16 vectors: float16 scales are widened to float32 (exact) by XLA before the call,
@@ -267,15 +271,15 @@ def _gmm_int4_call(lhs_MK, rhs_list, group_sizes_E, *, group_size, swiglu, gener
     blocks = (tm * tk + tm * tn) * itemsize + num_rhs * tn * (tk // PER_WORD * 4 + tk // group * scale_size)
     # double-buffered blocks, the accumulators, and a piece's temporaries (~6 float32 copies of its weights)
     vmem_bytes = 2 * blocks + num_rhs * tm * tn * 4 + 6 * PER_WORD * chunk * sub * 4
-    # The scales are read through their transpose [E, G, N]. XLA:TPU stores [E, N, G] with N minor when G is
-    # not a multiple of 128 (K2.6: G = 224 and 64), so the transpose is a bitcast, and G on sublanes lets a
+    # The scales are read through their transpose [Lyr, E, G, N]. XLA:TPU stores [.., N, G] with N minor when G
+    # is not a multiple of 128 (K2.6: G = 224 and 64), so the transpose is a bitcast, and G on sublanes lets a
     # chunk's scales broadcast over its weight rows with no lane shuffle.
-    operands = [x for packed, scale in rhs_list for x in (packed, jnp.swapaxes(scale.astype(scale_dtype), 1, 2))]
+    operands = [x for packed, scale in rhs_list for x in (packed, jnp.swapaxes(scale.astype(scale_dtype), 2, 3))]
     return pl.pallas_call(
         functools.partial(_gmm_int4_kernel, num_rhs=num_rhs, swiglu=swiglu, tm=tm, chunk=chunk, sub=sub,
                           rounding=rounding),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=5, grid=grid, in_specs=in_specs, out_specs=out_spec,
+            num_scalar_prefetch=6, grid=grid, in_specs=in_specs, out_specs=out_spec,
             scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32) for _ in rhs_list]),
         out_shape=jax.ShapeDtypeStruct((M, N), dtype),
         compiler_params=pltpu.CompilerParams(
@@ -285,41 +289,41 @@ def _gmm_int4_call(lhs_MK, rhs_list, group_sizes_E, *, group_size, swiglu, gener
                                     swiglu=swiglu, generation=generation, tm=tm, tk=tk, tn=tn, routing=routing),
         interpret=default_interpret(interpret),
         name="moe_gmm_int4_swiglu" if swiglu else "moe_gmm_int4",
-    )(*schedule(group_sizes_E, num_tiles, tm, num_work), lhs_MK, *operands)
+    )(*schedule(group_sizes_E, num_tiles, tm, num_work), layer_1, lhs_MK, *operands)
 
 
 BLOCK_ARGS = ("group_size", "generation", "tm", "tk", "tn", "chunk", "sub", "interpret", "routing")
 
 
 @functools.partial(jax.jit, static_argnames=BLOCK_ARGS)
-def gmm_int4(lhs_MK, rhs, group_sizes_E, *, group_size=32, generation=None, tm=None, tk=None, tn=None, chunk=None,
-             sub=None, interpret=None, routing=None):
+def gmm_int4(lhs_MK, rhs, group_sizes_E, *, layer=None, group_size=32, generation=None, tm=None, tk=None, tn=None,
+             chunk=None, sub=None, interpret=None, routing=None):
     """Pallas twin of `gmm_int4_reference`; rhs = (packed_ENW, scale_ENG). Blocks default to the chip's row;
-    `routing` as in moe_gmm.gmm."""
-    return _gmm_int4_call(lhs_MK, [rhs], group_sizes_E, group_size=group_size, swiglu=False,
+    `routing` and `layer` (both arrays then lead with a layers axis) as in moe_gmm.gmm."""
+    return _gmm_int4_call(lhs_MK, [rhs], group_sizes_E, layer, group_size=group_size, swiglu=False,
                           generation=generation, tm=tm, tk=tk, tn=tn, chunk=chunk, sub=sub, interpret=interpret,
                           routing=routing)
 
 
 @functools.partial(jax.jit, static_argnames=BLOCK_ARGS)
-def gmm_swiglu_int4(lhs_MK, w_gate, w_up, group_sizes_E, *, group_size=32, generation=None, tm=None, tk=None,
-                    tn=None, chunk=None, sub=None, interpret=None, routing=None):
+def gmm_swiglu_int4(lhs_MK, w_gate, w_up, group_sizes_E, *, layer=None, group_size=32, generation=None, tm=None,
+                    tk=None, tn=None, chunk=None, sub=None, interpret=None, routing=None):
     """Pallas twin of `gmm_swiglu_int4_reference`: both projections from one read of each row tile."""
-    return _gmm_int4_call(lhs_MK, [w_gate, w_up], group_sizes_E, group_size=group_size, swiglu=True,
+    return _gmm_int4_call(lhs_MK, [w_gate, w_up], group_sizes_E, layer, group_size=group_size, swiglu=True,
                           generation=generation, tm=tm, tk=tk, tn=tn, chunk=chunk, sub=sub, interpret=interpret,
                           routing=routing)
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "generation", "tm", "interpret", "expected_pairs",
                                              "expected_experts"))
-def expert_ffn_int4(x_ND, weights_NX, experts_NX, w_gate, w_up, w_down, *, group_size=32, generation=None, tm=None,
-                    interpret=None, expected_pairs=None, expected_experts=None):
+def expert_ffn_int4(x_ND, weights_NX, experts_NX, w_gate, w_up, w_down, *, layer=None, group_size=32,
+                    generation=None, tm=None, interpret=None, expected_pairs=None, expected_experts=None):
     """Pallas twin of `expert_ffn_int4_reference` (moe_gmm.expert_ffn with packed weights): each w_* is
     (packed_ENW, scale_ENG) of the logical stacks [E, D, F], [E, D, F], [E, F, D]. Pairs with expert id >= E
-    contribute zero; `expected_pairs` / `expected_experts` as in moe_gmm.expert_ffn."""
+    contribute zero; `expected_pairs` / `expected_experts` and `layer` as in moe_gmm.expert_ffn."""
     N, D = x_ND.shape
     X = experts_NX.shape[1]
-    E = w_gate[0].shape[0]
+    E = w_gate[0].shape[-3]
     P = N * X
     table = table_row(BLOCKS, generation)
     tm = tm or pick_tm(P, E, x_ND.dtype, table.tm_min, table.tm_max)
@@ -331,10 +335,10 @@ def expert_ffn_int4(x_ND, weights_NX, experts_NX, w_gate, w_up, w_down, *, group
     token_M = jnp.concatenate([order_P // X, jnp.zeros((M - P,), order_P.dtype)])
     x_MD = jnp.take(x_ND, token_M, axis=0)
     routing = expected_routing(expected_pairs, expected_experts, E, P)
-    h_MF = gmm_swiglu_int4(x_MD, w_gate, w_up, sizes_E, group_size=group_size, generation=generation, tm=tm,
-                           interpret=interpret, routing=routing)
-    y_MD = gmm_int4(h_MF, w_down, sizes_E, group_size=group_size, generation=generation, tm=tm, interpret=interpret,
-                    routing=routing)
+    h_MF = gmm_swiglu_int4(x_MD, w_gate, w_up, sizes_E, layer=layer, group_size=group_size, generation=generation,
+                           tm=tm, interpret=interpret, routing=routing)
+    y_MD = gmm_int4(h_MF, w_down, sizes_E, layer=layer, group_size=group_size, generation=generation, tm=tm,
+                    interpret=interpret, routing=routing)
     rank_P = jnp.zeros((P,), jnp.int32).at[order_P].set(jnp.arange(P, dtype=jnp.int32))  # sorted row of pair p
     y_NXD = jnp.take(y_MD, rank_P, axis=0).reshape(N, X, D)
     return jnp.einsum("nxd,nx->nd", y_NXD.astype(jnp.float32), weights_NX.astype(jnp.float32)).astype(x_ND.dtype)

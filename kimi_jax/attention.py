@@ -121,35 +121,38 @@ def _kernel_axes(mesh, batch: int, length: int | None, heads: int):
 
 
 def _absorbed_decode_pallas(q_nope_BTHK, q_rope_BTHK, latent_BSL, k_rope_BSK, w_uk_HKL, w_uv_HLK, positions_BT,
-                            scale):
+                            scale, layer=None):
     """`absorbed_attention` for one token per sequence through the Pallas decode kernel: the token at
-    position p sees cache rows 0..p (clipped to S), exactly the mask the XLA path builds. Under a mesh, per
-    shard (see the module docstring)."""
-    S = latent_BSL.shape[1]
+    position p sees cache rows 0..p (clipped to S), exactly the mask the XLA path builds. `layer`: the caches
+    are [layers, B, S, .] stacks, read in place at that layer. Under a mesh, per shard (see the module
+    docstring)."""
+    S = latent_BSL.shape[-2]
     lengths_B = jnp.minimum(positions_BT[:, 0] + 1, S)
-    args = (q_nope_BTHK, q_rope_BTHK, latent_BSL, k_rope_BSK, w_uk_HKL, w_uv_HLK, lengths_B)
+    args = (q_nope_BTHK, q_rope_BTHK, latent_BSL, k_rope_BSK, w_uk_HKL, w_uv_HLK, lengths_B, layer)
     mesh = _kernel_mesh()
     if mesh is None:
         return _decode_shard(*args, scale=scale, seq_axes=None)
-    b, s, h = _kernel_axes(mesh, latent_BSL.shape[0], S, w_uk_HKL.shape[0])
-    q, cache = P(b, None, h, None), P(b, s, None)
+    b, s, h = _kernel_axes(mesh, latent_BSL.shape[-3], S, w_uk_HKL.shape[0])
+    q, cache = P(b, None, h, None), P(*(None,) * (latent_BSL.ndim - 3), b, s, None)
     return jax.shard_map(partial(_decode_shard, scale=scale, seq_axes=s), mesh=mesh,
-                         in_specs=(q, q, cache, cache, P(h), P(h), P(b)), out_specs=q, check_vma=False)(*args)
+                         in_specs=(q, q, cache, cache, P(h), P(h), P(b), P()), out_specs=q,
+                         check_vma=False)(*args)
 
 
-def _decode_shard(q_nope_BTHK, q_rope_BTHK, latent_BSL, k_rope_BSK, w_uk_HKL, w_uv_HLK, lengths_B, *, scale,
-                  seq_axes):
+def _decode_shard(q_nope_BTHK, q_rope_BTHK, latent_BSL, k_rope_BSK, w_uk_HKL, w_uv_HLK, lengths_B, layer, *,
+                  scale, seq_axes):
     """One device's decode attention over its cache rows. With `seq_axes` its rows are positions
     [i * S, (i + 1) * S) of each sequence (i: the device's index along those axes) and the partial results
     merge across them (after w_uv, the smallest per-head width to reduce)."""
     q_latent_BHL = jnp.einsum("bhk,hkl->bhl", q_nope_BTHK[:, 0], w_uk_HKL)
     if seq_axes is None:
-        context_BHL = mla_decode(q_latent_BHL, q_rope_BTHK[:, 0], latent_BSL, k_rope_BSK, lengths_B, scale)
+        context_BHL = mla_decode(q_latent_BHL, q_rope_BTHK[:, 0], latent_BSL, k_rope_BSK, lengths_B, scale,
+                                 layer=layer)
         return jnp.einsum("bhl,hlk->bhk", context_BHL, w_uv_HLK)[:, None]
-    S = latent_BSL.shape[1]
+    S = latent_BSL.shape[-2]
     local_B = jnp.clip(lengths_B - jax.lax.axis_index(seq_axes) * S, 0, S)
     context_BHL, lse_BH = mla_decode(q_latent_BHL, q_rope_BTHK[:, 0], latent_BSL, k_rope_BSK, local_B, scale,
-                                     return_lse=True)
+                                     layer=layer, return_lse=True)
     out_BHK = jnp.einsum("bhl,hlk->bhk", context_BHL, w_uv_HLK.astype(jnp.float32))
     merged_BHK = merge_partials(out_BHK, lse_BH, partial(jax.lax.psum, axis_name=seq_axes),
                                 partial(jax.lax.pmax, axis_name=seq_axes))
@@ -216,7 +219,8 @@ class MLA(nnx.Module):
         latent_BTL, k_rope_BTK = jnp.split(kv_BTC, [self.cfg.kv_lora_rank], axis=-1)
         return rms_norm(latent_BTL, self.kv_norm[...], INNER_NORM_EPS), apply_rope(k_rope_BTK, cos, sin)
 
-    def __call__(self, x_BTD, positions_BT, cos, sin, cache=None, attend_cache=True, page_table_BP=None):
+    def __call__(self, x_BTD, positions_BT, cos, sin, cache=None, attend_cache=True, page_table_BP=None,
+                 layer=None):
         """Returns (output [B,T,D], updated cache or None, max logit per head [H] or None).
 
         No cache: causal attention among the T tokens (naive form). With a cache (latent_BSL, rope_BSK), this
@@ -224,24 +228,27 @@ class MLA(nnx.Module):
         the absorbed form (decode, chunked prefill), otherwise the naive form runs over the T tokens alone
         (a prefill into an empty cache, where expanded K/V cost fewer FLOPs). With `page_table_BP` the cache
         is paged, (latent_NGL, rope_NGK) over N pages of G rows, and each sequence's pages are gathered into
-        a contiguous [B, P*G, .] view to attend over."""
+        a contiguous [B, P*G, .] view to attend over. `layer`: the cache arrays are the whole [layers, ...]
+        stacks of a scanned LayerStack and this layer's rows are written and read in place."""
         q_nope_BTHK, q_rope_BTHK = self.queries(x_BTD, cos, sin)
         latent_BTL, k_rope_BTK = self.latents(x_BTD, cos, sin)
         scale = self.cfg.softmax_scale
         max_logit_H = None  # each head's largest logit, reported by the naive path (QK-Clip reads it)
         if cache is not None and page_table_BP is not None:
-            cache = write_paged_cache(cache, latent_BTL, k_rope_BTK, positions_BT, page_table_BP)
+            cache = write_paged_cache(cache, latent_BTL, k_rope_BTK, positions_BT, page_table_BP, layer)
         elif cache is not None:
-            cache = write_cache(cache, latent_BTL, k_rope_BTK, positions_BT)
+            cache = write_cache(cache, latent_BTL, k_rope_BTK, positions_BT, layer)
         if cache is not None and attend_cache:
-            paged = page_table_BP is not None
-            cache_latent_BSL, cache_rope_BSK = gather_pages(cache, page_table_BP) if paged else cache
-            S = cache_latent_BSL.shape[1]
+            if page_table_BP is not None:  # each sequence's pages gathered into contiguous rows
+                view, view_layer = gather_pages(tuple(layer_of(c, layer) for c in cache), page_table_BP), None
+            else:  # the (stacked) arrays as they are: the kernel reads a layer in place, a slice would be copied
+                view, view_layer = cache, layer
             if self.cfg.attention_impl == "pallas" and x_BTD.shape[1] == 1:
-                out_BTHK = _absorbed_decode_pallas(q_nope_BTHK, q_rope_BTHK, cache_latent_BSL, cache_rope_BSK,
-                                                   self.w_uk[...], self.w_uv[...], positions_BT, scale)
+                out_BTHK = _absorbed_decode_pallas(q_nope_BTHK, q_rope_BTHK, *view, self.w_uk[...], self.w_uv[...],
+                                                   positions_BT, scale, view_layer)
             else:
-                valid_BTS = jnp.arange(S)[None, None, :] <= positions_BT[:, :, None]
+                cache_latent_BSL, cache_rope_BSK = (layer_of(c, view_layer) for c in view)
+                valid_BTS = jnp.arange(cache_latent_BSL.shape[1])[None, None, :] <= positions_BT[:, :, None]
                 out_BTHK = absorbed_attention(q_nope_BTHK, q_rope_BTHK, cache_latent_BSL, cache_rope_BSK,
                                               self.w_uk[...], self.w_uv[...], valid_BTS, scale)
         elif self.cfg.attention_impl == "pallas":  # no max logit: the kernel keeps no per-head statistics
@@ -253,24 +260,28 @@ class MLA(nnx.Module):
         return jnp.einsum("bthk,hkd->btd", out_BTHK, self.wo[...]), cache, max_logit_H
 
 
-def write_cache(cache, latent_BTL, k_rope_BTK, positions_BT):
-    """Scatter this step's latent rows into the cache at their positions (positions past S are dropped)."""
-    cache_latent_BSL, cache_rope_BSK = cache
+def layer_of(stack, layer):
+    """Layer `layer` of a [layers, ...] stack (a dynamic slice); the array itself when layer is None."""
+    return stack if layer is None else jax.lax.dynamic_index_in_dim(stack, layer, keepdims=False)
+
+
+def write_cache(cache, latent_BTL, k_rope_BTK, positions_BT, layer=None):
+    """Scatter this step's latent rows into the cache at their positions (positions past S are dropped).
+    `layer`: the cache arrays are [layers, B, S, .] stacks and the rows go to that layer, in place."""
     b_BT = jnp.arange(positions_BT.shape[0])[:, None]
-    return (cache_latent_BSL.at[b_BT, positions_BT].set(latent_BTL.astype(cache_latent_BSL.dtype), mode="drop"),
-            cache_rope_BSK.at[b_BT, positions_BT].set(k_rope_BTK.astype(cache_rope_BSK.dtype), mode="drop"))
+    at = (b_BT, positions_BT) if layer is None else (layer, b_BT, positions_BT)
+    return tuple(c.at[at].set(new.astype(c.dtype), mode="drop") for c, new in zip(cache, (latent_BTL, k_rope_BTK)))
 
 
-def write_paged_cache(pages, latent_BTL, k_rope_BTK, positions_BT, page_table_BP):
+def write_paged_cache(pages, latent_BTL, k_rope_BTK, positions_BT, page_table_BP, layer=None):
     """`write_cache` for a paged cache: position p of sequence b goes to row p % G of page
     page_table_BP[b, p // G]. Positions past the table, and pages marked unused (index N, one past the last
-    page), are dropped, so idle batch slots write nothing."""
-    latent_NGL, rope_NGK = pages
-    N, G = latent_NGL.shape[:2]
+    page), are dropped, so idle batch slots write nothing. `layer` as in write_cache."""
+    N, G = pages[0].shape[-3:-1]
     page_BT = jnp.take_along_axis(page_table_BP, positions_BT // G, axis=1, mode="fill", fill_value=N)
     row_BT = positions_BT % G
-    return (latent_NGL.at[page_BT, row_BT].set(latent_BTL.astype(latent_NGL.dtype), mode="drop"),
-            rope_NGK.at[page_BT, row_BT].set(k_rope_BTK.astype(rope_NGK.dtype), mode="drop"))
+    at = (page_BT, row_BT) if layer is None else (layer, page_BT, row_BT)
+    return tuple(p.at[at].set(new.astype(p.dtype), mode="drop") for p, new in zip(pages, (latent_BTL, k_rope_BTK)))
 
 
 def gather_pages(pages, page_table_BP):

@@ -16,8 +16,8 @@ from flax import nnx
 from kimi_jax.attention import MLA
 from kimi_jax.config import KimiConfig
 from kimi_jax.layers import init_array, param, rms_norm, rope_cos_sin
-from kimi_jax.moe import DenseMLP, MoE
-from kimi_jax.views import is_views
+from kimi_jax.moe import DenseMLP, MoE, experts_in_place
+from kimi_jax.views import ROUTED_EXPERT_WEIGHTS, is_views
 
 
 class ModelOutput(NamedTuple):
@@ -36,17 +36,20 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = param(rngs, (cfg.hidden_size,), ("embed",), dtype, init="ones")
         self.mlp = MoE(cfg, rngs, dtype) if moe else DenseMLP(cfg.hidden_size, cfg.intermediate_size, rngs, dtype)
 
-    def __call__(self, x_BTD, positions_BT, cos, sin, cache, attend_cache, page_table_BP=None):
-        """Returns (x, cache, stats): stats holds the layer's max logits and, for MoE layers, its routing."""
+    def __call__(self, x_BTD, positions_BT, cos, sin, cache, attend_cache, page_table_BP=None, layer=None):
+        """Returns (x, cache, stats): stats holds the layer's max logits and, for MoE layers, its routing.
+        `layer` (under the scan): this is layer `layer` of a LayerStack, the cache arrays are the stack's whole
+        [layers, ...] arrays, and so are the routed expert weights where `experts_in_place(cfg)`."""
         h_BTD, cache, max_logit_H = self.attn(rms_norm(x_BTD, self.attn_norm[...], self.eps), positions_BT,
-                                              cos, sin, cache, attend_cache, page_table_BP)
+                                              cos, sin, cache, attend_cache, page_table_BP, layer=layer)
         x_BTD = x_BTD + h_BTD
         h_BTD = rms_norm(x_BTD, self.mlp_norm[...], self.eps)
         stats = {"max_logit_H": max_logit_H}
         if isinstance(self.mlp, MoE):
             B, T, D = h_BTD.shape
             weights_NX, experts_NX, scores_NE = self.mlp.route_with_scores(h_BTD.reshape(B * T, D))
-            out_BTD = self.mlp(h_BTD, routing=(weights_NX, experts_NX))
+            out_BTD = self.mlp(h_BTD, routing=(weights_NX, experts_NX),
+                               layer=layer if experts_in_place(self.mlp.cfg) else None)
             stats.update(experts_BTX=experts_NX.reshape(B, T, -1), router_scores_BTE=scores_NE.reshape(B, T, -1))
             return x_BTD + out_BTD, cache, stats
         return x_BTD + self.mlp(h_BTD), cache, stats
@@ -75,21 +78,32 @@ class LayerStack(nnx.Module):
     def __call__(self, x_BTD, positions_BT, cos, sin, cache, attend_cache, page_table_BP=None):
         """cache: None, or per layer (latent, rope) — stacked arrays under scan, a list of pairs unrolled.
         Returns (x, cache, per-layer stats dicts)."""
-        graphdef, stacked = nnx.split(self.layers)
+        # Under the scan, weights that the Pallas MoE kernels read stay whole stacks (see below).
+        whole_experts = (self.loop == "scan" and isinstance(self.layers.mlp, MoE)
+                         and experts_in_place(self.layers.mlp.cfg))
+        graphdef, whole, stacked = nnx.split(
+            self.layers, lambda path, _: whole_experts and path[0] == "mlp" and path[1] in ROUTED_EXPERT_WEIGHTS, ...)
 
-        def run_layer(x_BTD, layer_state, layer_cache):
-            return nnx.merge(graphdef, layer_state)(x_BTD, positions_BT, cos, sin, layer_cache, attend_cache,
-                                                    page_table_BP)
+        def run_layer(x_BTD, layer_state, layer_cache, layer=None):
+            return nnx.merge(graphdef, whole, layer_state)(x_BTD, positions_BT, cos, sin, layer_cache,
+                                                           attend_cache, page_table_BP, layer=layer)
 
         if self.remat != "none":
             policy = jax.checkpoint_policies.dots_saveable if self.remat == "dots" else None
             run_layer = jax.checkpoint(run_layer, policy=policy)
 
         if self.loop == "scan":
-            def body(x_BTD, state_and_cache):
-                x_BTD, layer_cache, stats = run_layer(x_BTD, *state_and_cache)
-                return x_BTD, (layer_cache, stats)
-            x_BTD, (cache, stats) = jax.lax.scan(body, x_BTD, (stacked, cache), unroll=self.scan_unroll)
+            # The scan slices each layer's weights out of the stacks, except what a Pallas kernel reads: the
+            # cache (carried whole, written in place) and, with the MoE kernels, the routed experts. Those the
+            # kernels read in place at the layer index; XLA would copy a slice of them before every kernel call
+            # (on v5p-128 decode, about 1 GB a MoE layer of expert stacks alone).
+            def body(carry, state_and_index):
+                x_BTD, cache = carry
+                layer_state, layer = state_and_index
+                x_BTD, cache, stats = run_layer(x_BTD, layer_state, cache, layer)
+                return (x_BTD, cache), stats
+            (x_BTD, cache), stats = jax.lax.scan(body, (x_BTD, cache), (stacked, jnp.arange(self.num_layers)),
+                                                 unroll=self.scan_unroll)
             return x_BTD, cache, [jax.tree.map(lambda s: s[i], stats) for i in range(self.num_layers)]
 
         new_cache, stats = [], []

@@ -130,7 +130,7 @@ def experts_grouped(x_ND, weights_NX, experts_NX, w_gate_EDF, w_up_EDF, w_down_E
     return out_ND.astype(x_ND.dtype)
 
 
-def experts_pallas(x_RD, weights_RX, experts_RX, w_gate_EDF, w_up_EDF, w_down_EFD, *, routed=None):
+def experts_pallas(x_RD, weights_RX, experts_RX, w_gate_EDF, w_up_EDF, w_down_EFD, *, routed=None, layer=None):
     """The expert FFN through the Pallas grouped-matmul kernels: kernels_pallas.moe_gmm.expert_ffn for dense
     stacks, moe_gmm_int4.expert_ffn_int4 for INT4 ones (the packed words and scales as kept, dequantized in
     VMEM). Pairs whose expert id is >= E fall outside every group and contribute zero, which is what
@@ -139,8 +139,9 @@ def experts_pallas(x_RD, weights_RX, experts_RX, w_gate_EDF, w_up_EDF, w_down_EF
     routed=(tokens, top_k, experts): the whole step's routing (all devices), when this call holds E of
     `experts` routed experts; the kernels' CostEstimates then count the expected traffic of uniform routing
     (the distinct experts `tokens` tokens choose, and this call's share of their pairs) instead of the worst
-    case, so that a compiled program's cost_analysis is comparable with `kimi-jax plan`'s ideal bytes."""
-    E = jax.tree.leaves(w_gate_EDF)[0].shape[0]
+    case, so that a compiled program's cost_analysis is comparable with `kimi-jax plan`'s ideal bytes.
+    layer: the weights are stacks of layers [Lyr, E, ...] (every leaf) and the kernels read this one in place."""
+    E = jax.tree.leaves(w_gate_EDF)[0].shape[-3]  # dense [.., E, D, F]; INT4 packed [.., E, O, W]
     expected = {}
     if routed is not None:
         tokens, top_k, total = routed
@@ -148,11 +149,18 @@ def experts_pallas(x_RD, weights_RX, experts_RX, w_gate_EDF, w_up_EDF, w_down_EF
                         expected_experts=E * expected_expert_fraction(tokens, top_k, total))
     if isinstance(w_gate_EDF, Int4Weight):
         packed = [(w.packed, w.scale) for w in (w_gate_EDF, w_up_EDF, w_down_EFD)]
-        return expert_ffn_int4(x_RD, weights_RX, experts_RX, *packed, group_size=w_gate_EDF.group_size, **expected)
-    return expert_ffn(x_RD, weights_RX, experts_RX, w_gate_EDF, w_up_EDF, w_down_EFD, **expected)
+        return expert_ffn_int4(x_RD, weights_RX, experts_RX, *packed, layer=layer, group_size=w_gate_EDF.group_size,
+                               **expected)
+    return expert_ffn(x_RD, weights_RX, experts_RX, w_gate_EDF, w_up_EDF, w_down_EFD, layer=layer, **expected)
 
 
 LOCAL_FFN = {"ep": experts_grouped, "ep_ragged": experts_ragged, "ep_pallas": experts_pallas}
+
+
+def experts_in_place(cfg: KimiConfig) -> bool:
+    """Whether the routed experts go to the Pallas kernels, which read a layer of the stacked weights in place
+    given its index (a scanned LayerStack then hands them the whole stacks: `MoE.__call__(layer=...)`)."""
+    return cfg.moe_impl in ("pallas", "ep_pallas")
 
 
 class DenseMLP(nnx.Module):
@@ -190,26 +198,29 @@ class MoE(nnx.Module):
     def route_with_scores(self, x_ND):
         return route_with_scores(x_ND, self.w_router[...], self.router_bias[...], self.cfg)
 
-    def __call__(self, x_BTD, routing=None):
-        """routing: (weights [N,X], expert ids [N,X]) when the caller already routed (to report the choices)."""
+    def __call__(self, x_BTD, routing=None, layer=None):
+        """routing: (weights [N,X], expert ids [N,X]) when the caller already routed (to report the choices).
+        layer: the routed expert weights are the whole stacks of a scanned LayerStack (experts_in_place) and
+        this is the layer to use."""
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
         weights_NX, experts_NX = routing if routing is not None else self.route(x_ND)
         impl, E = self.cfg.moe_impl, self.cfg.n_routed_experts
         routed = (B * T, self.cfg.num_experts_per_tok, E)  # the whole step's routing, for kernel cost estimates
+        experts = (self.w_gate[...], self.w_up[...], self.w_down[...])
+        if layer is not None and not experts_in_place(self.cfg):
+            experts = jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, layer, keepdims=False), experts)
+            layer = None
         if impl == "pallas":  # grouped-matmul kernels (interpreted off TPU)
-            out_ND = experts_pallas(x_ND, weights_NX, experts_NX, self.w_gate[...], self.w_up[...],
-                                    self.w_down[...], routed=routed)
+            out_ND = experts_pallas(x_ND, weights_NX, experts_NX, *experts, routed=routed, layer=layer)
         elif impl in LOCAL_FFN:  # experts sharded over the ambient mesh's "expert" axis, tokens moved by
             # all_to_all (sharding/expert_parallel.py); without such a mesh it is the local FFN itself: grouped
             # tiles ("ep": CPU), ragged_dot ("ep_ragged": TPU) or the Pallas kernels ("ep_pallas").
             local_ffn = partial(experts_pallas, routed=routed) if impl == "ep_pallas" else LOCAL_FFN[impl]
-            out_ND = moe_expert_parallel(x_ND, weights_NX, experts_NX, self.w_gate[...], self.w_up[...],
-                                         self.w_down[...], local_ffn=local_ffn,
-                                         capacity_factor=self.cfg.moe_capacity_factor)
+            out_ND = moe_expert_parallel(x_ND, weights_NX, experts_NX, *experts, local_ffn=local_ffn,
+                                         capacity_factor=self.cfg.moe_capacity_factor, layer=layer)
         else:
-            out_ND = experts_grouped(x_ND, weights_NX, experts_NX, self.w_gate[...], self.w_up[...],
-                                     self.w_down[...])
+            out_ND = experts_grouped(x_ND, weights_NX, experts_NX, *experts)
         if self.shared is not None:
             out_ND = out_ND + self.shared(x_ND)
         return out_ND.reshape(B, T, D)

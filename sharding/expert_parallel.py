@@ -61,19 +61,22 @@ def dispatch_plan(experts_NX, num_experts: int, n: int, cap: int):
 
 def moe_expert_parallel(x_ND, weights_NX, experts_NX, w_gate_EDF, w_up_EDF, w_down_EFD, *,
                         local_ffn: Callable, mesh=None, axis: str = EXPERT_AXIS,
-                        capacity_factor: float | None = None):
+                        capacity_factor: float | None = None, layer=None):
     """sum_x weights[n, x] * FFN_{experts[n, x]}(x[n]) with the experts sharded over `axis` of `mesh`
     (default: the ambient mesh, `jax.set_mesh`). Without such an axis (or of size 1) it is `local_ffn` itself.
 
     local_ffn(x_RD, weights_RX, experts_RX, w_gate, w_up, w_down) -> [R, D] is the single-device grouped FFN
     (kimi_jax.moe.experts_grouped); it must skip pairs whose expert id is >= the number of experts it holds,
     which is how empty buffer rows (id E_local) cost nothing. Weights may be dense arrays or INT4 pytrees whose
-    leaves all lead with the expert axis."""
+    leaves all lead with the expert axis. `layer`: every weight leaf leads with a layers axis before the expert
+    axis, and local_ffn takes `layer=` (the Pallas kernels read that layer of the stacks in place)."""
     mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
     n = expert_axis_size(mesh, axis)
     if n == 1:
-        return local_ffn(x_ND, weights_NX, experts_NX, w_gate_EDF, w_up_EDF, w_down_EFD)
-    E = jax.tree.leaves(w_gate_EDF)[0].shape[0]
+        return local_ffn(x_ND, weights_NX, experts_NX, w_gate_EDF, w_up_EDF, w_down_EFD,
+                         **({} if layer is None else dict(layer=layer)))
+    lead = 0 if layer is None else 1  # the expert axis of each weight leaf
+    E = jax.tree.leaves(w_gate_EDF)[0].shape[lead]
     if E % n:
         raise ValueError(f"expert parallelism: n_routed_experts={E} is not divisible by mesh axis {axis!r} of "
                          f"size {n}")
@@ -90,7 +93,7 @@ def moe_expert_parallel(x_ND, weights_NX, experts_NX, w_gate_EDF, w_up_EDF, w_do
         experts_NX = jnp.pad(experts_NX, ((0, N_pad - N), (0, 0)), constant_values=E)
     cap = capacity(N_pad // devices, X, E, n, capacity_factor)
 
-    def local(x_nD, weights_nX, experts_nX, w_gate, w_up, w_down):
+    def local(x_nD, weights_nX, experts_nX, w_gate, w_up, w_down, layer):
         E_local = E // n
         Nl = x_nD.shape[0]
         slot_P, keep_P = dispatch_plan(experts_nX, E, n, cap)
@@ -103,20 +106,19 @@ def moe_expert_parallel(x_ND, weights_NX, experts_NX, w_gate_EDF, w_up_EDF, w_do
         recv_e_JC = jax.lax.all_to_all(send_e_JC, axis, 0, 0, tiled=True)
         R = n * cap
         y_RD = local_ffn(recv_x_JCD.reshape(R, D), jnp.ones((R, 1), jnp.float32), recv_e_JC.reshape(R, 1),
-                         w_gate, w_up, w_down)
+                         w_gate, w_up, w_down, **({} if layer is None else dict(layer=layer)))
         back_JCD = jax.lax.all_to_all(y_RD.reshape(n, cap, D), axis, 0, 0, tiled=True)  # block j: from device j
         y_PD = jnp.concatenate([back_JCD.reshape(R, D), jnp.zeros((1, D), back_JCD.dtype)])[slot_P]
         out_nD = jnp.einsum("nxd,nx->nd", y_PD.reshape(Nl, X, D).astype(jnp.float32), weights_nX)
         return out_nD.astype(x_nD.dtype)
 
-    w_spec = lambda w: jax.tree.map(lambda _: P(axis), w)  # noqa: E731  (leading expert axis only)
+    w_spec = lambda w: jax.tree.map(lambda _: P(*(None,) * lead, axis), w)  # noqa: E731  (the expert axis only)
     tok = P(token_axes)
     out_ND = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, w_spec(w_gate_EDF), w_spec(w_up_EDF),
-                                                       w_spec(w_down_EFD)),
+                                                       w_spec(w_down_EFD), P()),
                            out_specs=tok, check_vma=False)(x_ND, weights_NX, experts_NX, w_gate_EDF, w_up_EDF,
-                                                           w_down_EFD)
+                                                           w_down_EFD, layer)
     return out_ND[:N]
-
 
 
 def experts_ragged(x_RD, weights_RX, experts_RX, w_gate_EDF, w_up_EDF, w_down_EFD):

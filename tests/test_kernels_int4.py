@@ -148,6 +148,22 @@ def test_gmm_int4_cost_estimate_counts_packed_words_and_scales(groups):
 
 # ------------------------------------------------------------------------------------- deviceless compile
 
+def test_expert_ffn_int4_reads_one_layer_of_stacked_weights():
+    """Packed words and scales as [layers, E, ...] stacks with a traced layer (a scanned model's INT4 experts):
+    the layer's result; other layers hold different weights."""
+    rng = np.random.default_rng(11)
+    E, D, F, N, X = 4, 128, 64, 5, 2
+    layers = [[int4_stack(rng, E, K, Nout) for K, Nout in ((D, F), (D, F), (F, D))] for _ in range(2)]
+    stacked = [jax.tree.map(lambda *a: jnp.stack(a), *pairs) for pairs in zip(*layers)]
+    x = normal(rng, (N, D))
+    experts = jnp.asarray(np.stack([rng.permutation(E)[:X] for _ in range(N)]), jnp.int32)
+    weights = jnp.asarray(rng.uniform(size=(N, X)), jnp.float32)
+    got = g4.expert_ffn_int4(x, weights, experts, *stacked, layer=jnp.int32(1), tm=8, interpret=True)
+    want = g4.expert_ffn_int4_reference(x, weights, experts, *layers[1])
+    assert rel(got, want) < F32_TOL
+    assert rel(got, g4.expert_ffn_int4_reference(x, weights, experts, *layers[0])) > 0.1
+
+
 @needs_libtpu
 @pytest.mark.parametrize("generation,topology", [("v5p", "v5p:1x1x1"), ("v6e", "v6e:1x1")])
 def test_gmm_int4_compiles_for_deviceless_tpu_at_k26_sizes(generation, topology):

@@ -103,6 +103,19 @@ def test_mla_decode_equals_reference(interpret, num_splits):
     assert np.all(np.asarray(got[3]) == 0.0)  # length 0: a zero context, not NaN
 
 
+@INTERPRETERS
+def test_mla_decode_reads_one_layer_of_stacked_caches(interpret):
+    """Caches as [layers, B, S, .] stacks with a traced layer index (as a scanned model passes them): equal
+    to the reference over that layer, with other layers' rows NaN (a kernel reading the wrong layer fails)."""
+    q_latent, q_rope, latent, rope, lengths = decode_inputs()
+    poison = jnp.full((3, *latent.shape), jnp.nan), jnp.full((3, *rope.shape), jnp.nan)
+    latent_stack, rope_stack = poison[0].at[1].set(latent), poison[1].at[1].set(rope)
+    want = dec.mla_decode_reference(q_latent, q_rope, latent, rope, lengths, 0.17)
+    got = run(dec.mla_decode, interpret, q_latent, q_rope, latent_stack, rope_stack, lengths, 0.17,
+              layer=jnp.int32(1), block_s=8, num_splits=2)  # an array: traced inside the jitted kernel
+    assert rel(got, want) < F32_TOL
+
+
 def test_mla_decode_partials_merge_to_the_whole_cache():
     """A cache split by position in two halves (as over two devices): each half's context and log-sum-exp
     (return_lse), merged by merge_partials, equal attention over the whole. Lengths 1 and 13 leave the second
@@ -201,6 +214,31 @@ def test_gmm_tpu_semantics_no_races(groups):
     sizes = jnp.asarray(GROUPS[groups], jnp.int32)
     got = run(gmm.gmm_swiglu, "tpu", lhs, rhs, rhs2, sizes, tm=8, tk=32, tn=48)
     assert rel(got, gmm.gmm_swiglu_reference(lhs, rhs, rhs2, sizes)) < F32_TOL
+
+
+@pytest.mark.parametrize("interpret", [True, "tpu"], ids=["interpret", "tpu-races"])
+def test_gmm_reads_one_layer_of_stacked_weights(interpret):
+    """Weights as [layers, E, K, N] stacks and a traced layer (a scanned model's routed experts): the layer's
+    results, other layers NaN. gmm, gmm_swiglu and the expert FFN built on them."""
+    lhs, rhs, rhs2 = gmm_inputs()
+    sizes = jnp.asarray(GROUPS["every-boundary-inside-a-tile"], jnp.int32)
+
+    def stack(w):
+        return jnp.full((3, *w.shape), jnp.nan).at[2].set(w)
+
+    blocks = dict(tm=8, tk=32, tn=48)
+    layer = jnp.int32(2)  # an array: traced inside the jitted kernels
+    got = run(gmm.gmm, interpret, lhs, stack(rhs), sizes, layer=layer, **blocks)
+    got_swiglu = run(gmm.gmm_swiglu, interpret, lhs, stack(rhs), stack(rhs2), sizes, layer=layer, **blocks)
+    assert rel(got, gmm.gmm_reference(lhs, rhs, sizes)) < F32_TOL
+    assert rel(got_swiglu, gmm.gmm_swiglu_reference(lhs, rhs, rhs2, sizes)) < F32_TOL
+    rng = np.random.default_rng(7)
+    x, E = normal(rng, (6, 64)), rhs.shape[0]
+    w_down = normal(rng, (E, 96, 64), std=0.2)
+    experts = jnp.asarray(np.stack([rng.permutation(E)[:2] for _ in range(6)]), jnp.int32)
+    weights = jnp.asarray(rng.uniform(size=(6, 2)), jnp.float32)
+    got = gmm.expert_ffn(x, weights, experts, stack(rhs), stack(rhs2), stack(w_down), layer=layer, interpret=True)
+    assert rel(got, gmm.expert_ffn_reference(x, weights, experts, rhs, rhs2, w_down)) < F32_TOL
 
 
 @pytest.mark.parametrize("N,X,E", [(10, 3, 6), (1, 2, 8), (33, 8, 16)])
@@ -387,6 +425,28 @@ def test_kernels_compile_for_deviceless_tpu_at_k26_sizes(generation, topology):
 
 
 @needs_libtpu
+def test_kernels_read_a_layer_of_a_stack_without_copying_it():
+    """A scanned model hands the kernels whole [layers, ...] stacks and the layer index (scalar prefetch):
+    Mosaic accepts the 4-D blocks, and XLA allocates no temporary the size of one layer's operand, which it
+    would for a layer sliced out of the stack before the call (at v5p-128 decode, ~1 GB per MoE layer)."""
+    c, bf16, i32 = K26, jnp.bfloat16, jnp.int32
+    mesh = tpu_mesh("v5p:1x1x1")
+    layers, B, S = 3, 8, 8192
+    decode = compile_for(
+        mesh, lambda *a: dec.mla_decode(*a[:5], 0.1447, layer=a[5], generation="v5p", interpret=False),
+        ((B, c["H"], c["L"]), bf16), ((B, c["H"], c["R"]), bf16), ((layers, B, S, c["L"]), bf16),
+        ((layers, B, S, c["R"]), bf16), ((B,), i32), ((), i32))
+    assert decode.memory_analysis().temp_size_in_bytes < B * S * c["R"] * 2  # not even the rope cache's layer
+    E, M = 6, 384  # one v5p-128 chip's experts and its dropless receive buffer
+    swiglu = compile_for(
+        mesh, lambda lhs, wg, wu, sizes, layer: gmm.gmm_swiglu(lhs, wg, wu, sizes, layer=layer, generation="v5p",
+                                                               interpret=False),
+        ((M, c["D"]), bf16), ((layers, E, c["D"], c["F"]), bf16), ((layers, E, c["D"], c["F"]), bf16),
+        ((E,), i32), ((), i32))
+    assert swiglu.memory_analysis().temp_size_in_bytes < E * c["D"] * c["F"] * 2
+
+
+@needs_libtpu
 def test_deviceless_compile_rejects_an_illegal_block_and_runs_under_shard_map():
     mesh = tpu_mesh("v5p:2x2x1")
     with pytest.raises(Exception, match="divisible by 8 and 128"):  # S=1000: no legal 128-multiple block
@@ -403,15 +463,17 @@ def test_deviceless_compile_rejects_an_illegal_block_and_runs_under_shard_map():
 
 # ----------------------------------------------------------------------------------------------- model switch
 
-def test_model_pallas_path_equals_xla_path():
+@pytest.mark.parametrize("loop", ["unroll", "scan"])
+def test_model_pallas_path_equals_xla_path(loop):
     """A tiny random model, float32. "pallas": the prompt's 6 tokens through the naive MLA path (prefill
     kernel) into the cache, experts through the grouped matmul, then 3 cached decode steps through the absorbed
-    path (decode kernel). Its logits equal the "xla" full forward over all 9 tokens."""
+    path (decode kernel). Its logits equal the "xla" full forward over all 9 tokens. Under the scan the
+    kernels get the whole stacks (routed experts, cache) and the layer index."""
     from kimi_jax import KimiForCausalLM, preset
     from kimi_jax.cache import init_cache
 
     def model_for(impl):
-        cfg = preset("tiny", attention_impl=impl, moe_impl=impl)
+        cfg = preset("tiny", attention_impl=impl, moe_impl=impl, layer_loop=loop)
         graphdef, state = nnx.split(KimiForCausalLM(cfg, rngs=nnx.Rngs(0)))
         rng = np.random.default_rng(0)  # non-default weights: norms off 1, router bias nonzero
         state = jax.tree.map(lambda w: w + 0.3 * rng.standard_normal(w.shape).astype(w.dtype), state)
