@@ -49,7 +49,7 @@ def capacity(tokens_local: int, top_k: int, num_experts: int, n: int, capacity_f
 def dispatch_plan(experts_NX, num_experts: int, n: int, cap: int):
     """Where each pair of one source device goes: (slot_P, keep_P). slot = destination * cap + rank among the
     pairs this device sends to that destination (pair order: token-major); keep is False for pairs past the
-    capacity and for padding pairs (expert id >= num_experts). Dropped pairs get slot n * cap (a dump row)."""
+    capacity and for padding pairs (expert id >= num_experts). Dropped pairs get slot n * cap (past the buffers)."""
     experts_P = experts_NX.reshape(-1)
     valid_P = experts_P < num_experts
     dest_P = jnp.where(valid_P, experts_P // (num_experts // n), 0)
@@ -98,17 +98,18 @@ def moe_expert_parallel(x_ND, weights_NX, experts_NX, w_gate_EDF, w_up_EDF, w_do
         Nl = x_nD.shape[0]
         slot_P, keep_P = dispatch_plan(experts_nX, E, n, cap)
         token_P = jnp.arange(Nl * X) // X
-        # Send buffers [n, C, .]: block j goes to device j; the extra last row takes dropped pairs.
-        send_x_JCD = jnp.zeros((n * cap + 1, D), x_nD.dtype).at[slot_P].set(x_nD[token_P])[:-1].reshape(n, cap, D)
+        # Send buffers [n, C, .]: block j goes to device j; dropped pairs (slot n * C, past the end) are not
+        # written (mode="drop": no dump row to slice off, a copy of the buffer every layer).
+        send_x_JCD = jnp.zeros((n * cap, D), x_nD.dtype).at[slot_P].set(x_nD[token_P], mode="drop").reshape(n, cap, D)
         local_id_P = jnp.where(keep_P, experts_nX.reshape(-1) % E_local, E_local)
-        send_e_JC = jnp.full((n * cap + 1,), E_local, jnp.int32).at[slot_P].set(local_id_P)[:-1].reshape(n, cap)
+        send_e_JC = jnp.full((n * cap,), E_local, jnp.int32).at[slot_P].set(local_id_P, mode="drop").reshape(n, cap)
         recv_x_JCD = jax.lax.all_to_all(send_x_JCD, axis, 0, 0, tiled=True)  # block j: from device j
         recv_e_JC = jax.lax.all_to_all(send_e_JC, axis, 0, 0, tiled=True)
         R = n * cap
         y_RD = local_ffn(recv_x_JCD.reshape(R, D), jnp.ones((R, 1), jnp.float32), recv_e_JC.reshape(R, 1),
                          w_gate, w_up, w_down, **({} if layer is None else dict(layer=layer)))
         back_JCD = jax.lax.all_to_all(y_RD.reshape(n, cap, D), axis, 0, 0, tiled=True)  # block j: from device j
-        y_PD = jnp.concatenate([back_JCD.reshape(R, D), jnp.zeros((1, D), back_JCD.dtype)])[slot_P]
+        y_PD = jnp.take(back_JCD.reshape(R, D), slot_P, axis=0, mode="fill", fill_value=0)  # dropped pairs: 0
         out_nD = jnp.einsum("nxd,nx->nd", y_PD.reshape(Nl, X, D).astype(jnp.float32), weights_nX)
         return out_nD.astype(x_nD.dtype)
 

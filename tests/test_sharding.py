@@ -155,18 +155,21 @@ def test_sharded_forward_and_generate_equal_single_device(shape, tiny_expected):
         assert generate(sharded, prompts, max_new_tokens=4).tokens == expected_tokens
 
 
-def test_sharded_pallas_kernels_equal_single_device_xla():
+@pytest.mark.parametrize("loop", ["unroll", "scan"])
+def test_sharded_pallas_kernels_equal_single_device_xla(loop):
     """attention_impl="pallas" and moe_impl="ep_pallas" on a data=2 x expert=2 x tensor=2 mesh (kernels
     interpreted), float32, against the single-device "xla" model. Batch 2 splits over "data"; "expert" cannot
     take it, so the cache positions split over "expert" (16 rows: 0-7 and 8-15), and decoding at positions
     6, 7, 8 attends with one device holding no rows, then one; heads split over "tensor" (and, in the
     cacheless prefill, over "expert" too). Covers the prefill kernel's shards, the decode kernel's
-    cross-device log-sum-exp merge and the Pallas expert FFN as each device's part of the expert-parallel MoE."""
+    cross-device log-sum-exp merge and the Pallas expert FFN as each device's part of the expert-parallel MoE.
+    Under the scan the cache is [layers, B, S, .] stacks written per device (attention.write_cache) and the
+    kernels read a layer of the stacks (and of the expert stacks) in place."""
     from kimi_jax.cache import init_cache
     from sharding.rules import sequence_axes
 
     shape = {"data": 2, "expert": 2, "tensor": 2}
-    cfg = preset("tiny", vocab_size=288, attention_impl="pallas", moe_impl="ep_pallas")
+    cfg = preset("tiny", vocab_size=288, attention_impl="pallas", moe_impl="ep_pallas", layer_loop=loop)
     model = randomize(KimiForCausalLM(cfg, rngs=nnx.Rngs(7)))
     single = nnx.merge(nnx.split(KimiForCausalLM(cfg.replace(attention_impl="xla", moe_impl="xla"),
                                                  rngs=nnx.Rngs(7)))[0], nnx.state(model))
@@ -177,7 +180,8 @@ def test_sharded_pallas_kernels_equal_single_device_xla():
     batch_axes, seq_axes = sequence_axes(mesh.shape, 2, 16)
     assert batch_axes == ("data",) and seq_axes == ("expert",)
     sharded = place(model, mesh)
-    cache = jax.device_put(init_cache(cfg, 2, 16), NamedSharding(mesh, P(batch_axes, seq_axes, None)))
+    cache = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(
+        mesh, P(*(None,) * (a.ndim - 3), batch_axes, seq_axes, None))), init_cache(cfg, 2, 16))
 
     @nnx.jit(static_argnames="attend")
     def step(m, tok, pos, cache, attend):
