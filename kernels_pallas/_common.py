@@ -1,5 +1,5 @@
-"""What the kernels share: chip generation, interpret default, block picking, and the byte count of a
-pipelined operand (the rule every CostEstimate here is built from).
+"""What the kernels share: chip generation, interpret default, block picking, stacked-layer operands, and the
+byte count of a pipelined operand (the rule every CostEstimate here is built from).
 
 Grid order is row-major (the last grid axis fastest). The TPU pipeline copies an input block into VMEM when
 its block index differs from the previous grid step's (the first step always copies) and writes an output
@@ -15,6 +15,7 @@ import concurrent.futures
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -84,6 +85,21 @@ def pipelined_copies(grid: tuple[int, ...], index_map, *prefetch) -> int:
     index = eager(lambda: [np.asarray(i) for i in index_map(*ids, *prefetch)])
     index = np.stack([np.broadcast_to(i, ids.shape[1:]) for i in index])
     return 1 + int(np.count_nonzero(np.any(index[:, 1:] != index[:, :-1], axis=0)))
+
+
+LAYER_0 = np.zeros(1, np.int32)  # the layer operand of one layer's arrays, and of every CostEstimate count:
+                                 # which layer is read moves no bytes
+
+
+def layer_stacks(operands, layer):
+    """`operands` as stacks of layers [Lyr, ...] and the layer to read as int32 [1] (a scalar-prefetch operand
+    that the kernels' index maps put first in each block index). Given one layer's arrays (layer None), stacks
+    of one (a free reshape). Given stacks and `layer`, the kernel reads that layer's blocks in place: a layer
+    sliced out of a stack before the call would be copied first (XLA materialises a pallas_call operand), every
+    layer of a scan. Operands may be pytrees (the INT4 (packed, scale) pairs)."""
+    if layer is None:
+        return [jax.tree.map(lambda a: a[None], op) for op in operands], LAYER_0
+    return list(operands), jnp.asarray(layer, jnp.int32).reshape(1)
 
 
 def block_bytes(block_shape: tuple[int | None, ...], dtype) -> int:

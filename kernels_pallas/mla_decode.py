@@ -32,7 +32,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas._common import block_bytes, default_interpret, pick_block, pipelined_copies, table_row
+from kernels_pallas._common import (LAYER_0, block_bytes, default_interpret, layer_stacks, pick_block,
+                                    pipelined_copies, table_row)
 
 LANES = 128  # row statistics (max, sum) are kept broadcast over one lane tile, the layout Mosaic keeps cheap
 
@@ -191,9 +192,9 @@ def cost_estimate(B, H, L, R, S, dtype, *, generation=None, block_s=None, num_sp
     a ragged batch moves less). Bytes are counted block by block from the grid and the index maps."""
     bs, num_blocks, _, _, grid, in_specs, out_specs, out_shape = _plan(
         B, H, L, R, S, dtype, generation, block_s, num_splits, return_lse)
-    full_B, layer_0 = np.full(B, S, np.int32), np.zeros(1, np.int32)
+    full_B = np.full(B, S, np.int32)
     dtypes = [dtype] * 4 + [o.dtype for o in out_shape]
-    moved = sum(pipelined_copies(grid, spec.index_map, full_B, layer_0) * block_bytes(spec.block_shape, dt)
+    moved = sum(pipelined_copies(grid, spec.index_map, full_B, LAYER_0) * block_bytes(spec.block_shape, dt)
                 for spec, dt in zip(in_specs + out_specs, dtypes))
     steps = B * num_blocks  # blocks holding valid rows
     return pl.CostEstimate(
@@ -213,8 +214,7 @@ def mla_decode(q_latent_BHL, q_rope_BHR, cache_latent_BSL, cache_rope_BSR, lengt
     `interpret` is False on TPU, True or a `pltpu.InterpretParams` elsewhere (default: interpret off TPU).
     return_lse: returns (context [B, H, L] float32, log-sum-exp of the scores [B, H], -inf at length 0) for
     `merge_partials`."""
-    if layer is None:
-        cache_latent_BSL, cache_rope_BSR, layer = cache_latent_BSL[None], cache_rope_BSR[None], 0
+    (cache_latent_BSL, cache_rope_BSR), layer_1 = layer_stacks((cache_latent_BSL, cache_rope_BSR), layer)
     B, H, L = q_latent_BHL.shape
     R = q_rope_BHR.shape[-1]
     S = cache_latent_BSL.shape[2]
@@ -235,8 +235,8 @@ def mla_decode(q_latent_BHL, q_rope_BHR, cache_latent_BSL, cache_rope_BSR, lengt
                                     num_splits=splits, return_lse=return_lse),
         interpret=default_interpret(interpret),
         name="mla_decode",
-    )(jnp.clip(lengths_B, 0, S).astype(jnp.int32), jnp.asarray(layer, jnp.int32).reshape(1), q_latent_BHL.astype(dtype),
-      q_rope_BHR.astype(dtype), cache_latent_BSL, jnp.swapaxes(cache_rope_BSR, 2, 3))
+    )(jnp.clip(lengths_B, 0, S).astype(jnp.int32), layer_1, q_latent_BHL.astype(dtype), q_rope_BHR.astype(dtype),
+      cache_latent_BSL, jnp.swapaxes(cache_rope_BSR, 2, 3))
     if return_lse:
         return _merge_splits(*outs)
     if splits == 1:

@@ -26,7 +26,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas._common import block_bytes, default_interpret, eager, pick_block, pipelined_copies, table_row
+from kernels_pallas._common import (LAYER_0, block_bytes, default_interpret, eager, layer_stacks, pick_block,
+                                    pipelined_copies, table_row)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,16 +175,6 @@ def _plan(M, K, N, E, num_rhs, tm, tk, tn):
     return num_tiles, num_work, grid, in_specs, out_spec
 
 
-def layer_stacks(rhs_list, layer):
-    """The rhs operands as stacks of layers [Lyr, E, ...] and the layer to read, int32 [1] (scalar prefetch).
-    Given one layer's [E, ...] (layer None), a stack of one (a free reshape). Given a stack and `layer`, the
-    kernel's index maps pick that layer's blocks, so the stack is read in place: a layer sliced out of it
-    before the call would be copied first (XLA materialises a pallas_call operand), every layer of a scan."""
-    if layer is None:
-        return [jax.tree.map(lambda a: a[None], r) for r in rhs_list], jnp.zeros((1,), jnp.int32)
-    return rhs_list, jnp.asarray(layer, jnp.int32).reshape(1)
-
-
 def pick_tm(M, E, dtype, tm_min, tm_max):
     """Rows per tile: the next power of two above the mean rows per group, clamped to [tm_min, tm_max] and to
     at least one packed sublane tile of `dtype`."""
@@ -196,9 +187,6 @@ def _blocks(M, K, N, E, dtype, generation, tm, tk, tn):
     table = table_row(BLOCKS, generation)
     tm = tm or pick_tm(M, E, dtype, table.tm_min, table.tm_max)
     return tm, tk or pick_block(K, table.tk, 128), tn or pick_block(N, table.tn, 128)
-
-
-LAYER_0 = np.zeros(1, np.int32)  # the layer operand in cost estimates: which layer is read moves no bytes
 
 
 def estimate_schedules(M: int, E: int, tm: int, num_tiles: int, num_work: int, routing=None):
@@ -296,7 +284,7 @@ def gmm(lhs_MK, rhs_EKN, group_sizes_E, *, layer=None, generation=None, tm=None,
     """Pallas twin of `gmm_reference`. Blocks default to the chip's table row; tm must divide M. `routing`:
     the expected (rows, non-empty groups) the CostEstimate assumes (default: the worst case). `layer`: rhs is
     a stack of layers [Lyr, E, K, N] and this (int32 scalar, may be traced) is the one to use, read in place
-    (see `layer_stacks`); the result is gmm_reference(lhs, rhs[layer], group_sizes)."""
+    (see `_common.layer_stacks`); the result is gmm_reference(lhs, rhs[layer], group_sizes)."""
     return _gmm_call(lhs_MK, [rhs_EKN], group_sizes_E, layer, swiglu=False, generation=generation, tm=tm, tk=tk,
                      tn=tn, interpret=interpret, routing=routing)
 

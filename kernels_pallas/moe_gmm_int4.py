@@ -36,10 +36,10 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas._common import default_interpret, pick_block, table_row
+from kernels_pallas._common import default_interpret, layer_stacks, pick_block, table_row
 from kernels_pallas.moe_gmm import (cover_tile, estimate, estimate_schedules, expected_routing,
-                                    expert_ffn_reference, gmm_reference, item_k, item_lhs_tile, layer_stacks, pick_tm,
-                                    schedule, store_rows)
+                                    expert_ffn_reference, gmm_reference, item_k, item_lhs_tile, pick_tm, schedule,
+                                    store_rows)
 
 PER_WORD = 8        # int4 values per int32 word
 OFFSET = 8          # stored nibble = q + 8

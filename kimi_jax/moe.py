@@ -200,17 +200,14 @@ class MoE(nnx.Module):
 
     def __call__(self, x_BTD, routing=None, layer=None):
         """routing: (weights [N,X], expert ids [N,X]) when the caller already routed (to report the choices).
-        layer: the routed expert weights are the whole stacks of a scanned LayerStack (experts_in_place) and
-        this is the layer to use."""
+        layer: the routed expert weights are the whole stacks of a scanned LayerStack and this is the layer the
+        kernels read (only where experts_in_place(cfg): DecoderLayer passes it no other time)."""
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
         weights_NX, experts_NX = routing if routing is not None else self.route(x_ND)
         impl, E = self.cfg.moe_impl, self.cfg.n_routed_experts
         routed = (B * T, self.cfg.num_experts_per_tok, E)  # the whole step's routing, for kernel cost estimates
         experts = (self.w_gate[...], self.w_up[...], self.w_down[...])
-        if layer is not None and not experts_in_place(self.cfg):
-            experts = jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, layer, keepdims=False), experts)
-            layer = None
         if impl == "pallas":  # grouped-matmul kernels (interpreted off TPU)
             out_ND = experts_pallas(x_ND, weights_NX, experts_NX, *experts, routed=routed, layer=layer)
         elif impl in LOCAL_FFN:  # experts sharded over the ambient mesh's "expert" axis, tokens moved by

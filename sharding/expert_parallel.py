@@ -72,9 +72,12 @@ def moe_expert_parallel(x_ND, weights_NX, experts_NX, w_gate_EDF, w_up_EDF, w_do
     axis, and local_ffn takes `layer=` (the Pallas kernels read that layer of the stacks in place)."""
     mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
     n = expert_axis_size(mesh, axis)
+
+    def ffn(*args, layer):  # local_ffn, told the layer only when there is one (the XLA local FFNs take none)
+        return local_ffn(*args) if layer is None else local_ffn(*args, layer=layer)
+
     if n == 1:
-        return local_ffn(x_ND, weights_NX, experts_NX, w_gate_EDF, w_up_EDF, w_down_EFD,
-                         **({} if layer is None else dict(layer=layer)))
+        return ffn(x_ND, weights_NX, experts_NX, w_gate_EDF, w_up_EDF, w_down_EFD, layer=layer)
     lead = 0 if layer is None else 1  # the expert axis of each weight leaf
     E = jax.tree.leaves(w_gate_EDF)[0].shape[lead]
     if E % n:
@@ -106,8 +109,8 @@ def moe_expert_parallel(x_ND, weights_NX, experts_NX, w_gate_EDF, w_up_EDF, w_do
         recv_x_JCD = jax.lax.all_to_all(send_x_JCD, axis, 0, 0, tiled=True)  # block j: from device j
         recv_e_JC = jax.lax.all_to_all(send_e_JC, axis, 0, 0, tiled=True)
         R = n * cap
-        y_RD = local_ffn(recv_x_JCD.reshape(R, D), jnp.ones((R, 1), jnp.float32), recv_e_JC.reshape(R, 1),
-                         w_gate, w_up, w_down, **({} if layer is None else dict(layer=layer)))
+        y_RD = ffn(recv_x_JCD.reshape(R, D), jnp.ones((R, 1), jnp.float32), recv_e_JC.reshape(R, 1), w_gate, w_up,
+                   w_down, layer=layer)
         back_JCD = jax.lax.all_to_all(y_RD.reshape(n, cap, D), axis, 0, 0, tiled=True)  # block j: from device j
         y_PD = jnp.take(back_JCD.reshape(R, D), slot_P, axis=0, mode="fill", fill_value=0)  # dropped pairs: 0
         out_nD = jnp.einsum("nxd,nx->nd", y_PD.reshape(Nl, X, D).astype(jnp.float32), weights_nX)
