@@ -306,6 +306,49 @@ def expected_routing(num_pairs: float, experts_hit: float | None, E: int, P: int
     return (float(min(P, num_pairs if num_pairs is not None else P)), float(min(E, experts_hit)))
 
 
+# Tokens up to which expert_ffn permutes rows by one-hot matmuls instead of row gathers. On TPU a gathered row
+# reads whole (8, 128) tiles, 16 * D bytes for a bf16 row of D, and cost_analysis counts it so (a take of 512
+# rows out of [64, 7168] is 84 MB on v5p, for 7 MB of rows); the one-hot matmul does 2 * N * D FLOPs per row
+# instead. At v5p's ~166 FLOP per HBM byte (v6e ~560) the matmul is cheaper while N is below ~1300 (~4500).
+ONE_HOT_MAX_TOKENS = 1024
+
+
+def sort_pairs(x_ND, experts_NX, E: int, M: int):
+    """The (token, expert) pairs sorted by expert, as M rows (M >= N*X; padding rows past every group):
+    x_MD (row m holds the token of the m-th pair), sizes_E, and order_P (the pair at each sorted row).
+    Pairs with expert id >= E sort past every group."""
+    N, X = experts_NX.shape
+    P = N * X
+    expert_P = experts_NX.reshape(P).astype(jnp.int32)
+    order_P = jnp.argsort(expert_P, stable=True)
+    sizes_E = jnp.bincount(expert_P, length=E).astype(jnp.int32)
+    token_M = jnp.concatenate([order_P // X, jnp.zeros((M - P,), order_P.dtype)])
+    if N <= ONE_HOT_MAX_TOKENS:
+        one_hot_MN = (token_M[:, None] == jnp.arange(N)[None, :]).astype(x_ND.dtype)
+        x_MD = jnp.dot(one_hot_MN, x_ND, precision=jax.lax.Precision.HIGHEST,
+                       preferred_element_type=jnp.float32).astype(x_ND.dtype)  # exact: one 1.0 per row
+    else:
+        x_MD = jnp.take(x_ND, token_M, axis=0)
+    return x_MD, sizes_E, order_P
+
+
+def combine_pairs(y_MD, order_P, weights_NX, dtype):
+    """Each token's sum of its pairs' rows (sorted as `sort_pairs` left them), weighted, in float32."""
+    N, X = weights_NX.shape
+    P, M = N * X, y_MD.shape[0]
+    weights_NX = weights_NX.astype(jnp.float32)
+    if N <= ONE_HOT_MAX_TOKENS:
+        token_M = jnp.concatenate([order_P // X, jnp.full((M - P,), N, order_P.dtype)])  # padding: no token
+        weight_M = jnp.concatenate([weights_NX.reshape(P)[order_P], jnp.zeros((M - P,), jnp.float32)])
+        combine_NM = jnp.where(jnp.arange(N)[:, None] == token_M[None, :], weight_M[None, :], 0.0)
+        out_ND = jnp.dot(combine_NM, y_MD.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    else:
+        rank_P = jnp.zeros((P,), jnp.int32).at[order_P].set(jnp.arange(P, dtype=jnp.int32))  # sorted row of p
+        y_NXD = jnp.take(y_MD, rank_P, axis=0).reshape(N, X, -1)
+        out_ND = jnp.einsum("nxd,nx->nd", y_NXD.astype(jnp.float32), weights_NX)
+    return out_ND.astype(dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("generation", "tm", "interpret", "expected_pairs", "expected_experts"))
 def expert_ffn(x_ND, weights_NX, experts_NX, w_gate_EDF, w_up_EDF, w_down_EFD, *, layer=None, generation=None,
                tm=None, interpret=None, expected_pairs=None, expected_experts=None):
@@ -320,17 +363,11 @@ def expert_ffn(x_ND, weights_NX, experts_NX, w_gate_EDF, w_up_EDF, w_down_EFD, *
     P = N * X
     tm, _, _ = _blocks(P, D, D, E, x_ND.dtype, generation, tm, None, None)
     M = -(-P // tm) * tm
-    expert_P = experts_NX.reshape(P).astype(jnp.int32)
-    order_P = jnp.argsort(expert_P, stable=True)
-    sizes_E = jnp.bincount(expert_P, length=E).astype(jnp.int32)
     # Padding rows (any token) lie past every group, so the kernels leave them zero and the combine skips them.
-    token_M = jnp.concatenate([order_P // X, jnp.zeros((M - P,), order_P.dtype)])
-    x_MD = jnp.take(x_ND, token_M, axis=0)
+    x_MD, sizes_E, order_P = sort_pairs(x_ND, experts_NX, E, M)
     routing = expected_routing(expected_pairs, expected_experts, E, P)
     h_MF = gmm_swiglu(x_MD, w_gate_EDF, w_up_EDF, sizes_E, layer=layer, generation=generation, tm=tm,
                       interpret=interpret, routing=routing)
     y_MD = gmm(h_MF, w_down_EFD, sizes_E, layer=layer, generation=generation, tm=tm, interpret=interpret,
                routing=routing)
-    rank_P = jnp.zeros((P,), jnp.int32).at[order_P].set(jnp.arange(P, dtype=jnp.int32))  # sorted row of pair p
-    y_NXD = jnp.take(y_MD, rank_P, axis=0).reshape(N, X, D)
-    return jnp.einsum("nxd,nx->nd", y_NXD.astype(jnp.float32), weights_NX.astype(jnp.float32)).astype(x_ND.dtype)
+    return combine_pairs(y_MD, order_P, weights_NX, x_ND.dtype)

@@ -37,9 +37,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas._common import default_interpret, layer_stacks, pick_block, table_row
-from kernels_pallas.moe_gmm import (cover_tile, estimate, estimate_schedules, expected_routing,
+from kernels_pallas.moe_gmm import (combine_pairs, cover_tile, estimate, estimate_schedules, expected_routing,
                                     expert_ffn_reference, gmm_reference, item_k, item_lhs_tile, pick_tm, schedule,
-                                    store_rows)
+                                    sort_pairs, store_rows)
 
 PER_WORD = 8        # int4 values per int32 word
 OFFSET = 8          # stored nibble = q + 8
@@ -328,17 +328,11 @@ def expert_ffn_int4(x_ND, weights_NX, experts_NX, w_gate, w_up, w_down, *, layer
     table = table_row(BLOCKS, generation)
     tm = tm or pick_tm(P, E, x_ND.dtype, table.tm_min, table.tm_max)
     M = -(-P // tm) * tm
-    expert_P = experts_NX.reshape(P).astype(jnp.int32)
-    order_P = jnp.argsort(expert_P, stable=True)
-    sizes_E = jnp.bincount(expert_P, length=E).astype(jnp.int32)
     # Padding rows (any token) lie past every group, so the kernels leave them zero and the combine skips them.
-    token_M = jnp.concatenate([order_P // X, jnp.zeros((M - P,), order_P.dtype)])
-    x_MD = jnp.take(x_ND, token_M, axis=0)
+    x_MD, sizes_E, order_P = sort_pairs(x_ND, experts_NX, E, M)
     routing = expected_routing(expected_pairs, expected_experts, E, P)
     h_MF = gmm_swiglu_int4(x_MD, w_gate, w_up, sizes_E, layer=layer, group_size=group_size, generation=generation,
                            tm=tm, interpret=interpret, routing=routing)
     y_MD = gmm_int4(h_MF, w_down, sizes_E, layer=layer, group_size=group_size, generation=generation, tm=tm,
                     interpret=interpret, routing=routing)
-    rank_P = jnp.zeros((P,), jnp.int32).at[order_P].set(jnp.arange(P, dtype=jnp.int32))  # sorted row of pair p
-    y_NXD = jnp.take(y_MD, rank_P, axis=0).reshape(N, X, D)
-    return jnp.einsum("nxd,nx->nd", y_NXD.astype(jnp.float32), weights_NX.astype(jnp.float32)).astype(x_ND.dtype)
+    return combine_pairs(y_MD, order_P, weights_NX, x_ND.dtype)

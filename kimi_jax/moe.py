@@ -210,8 +210,9 @@ class MoE(nnx.Module):
         experts = (self.w_gate[...], self.w_up[...], self.w_down[...])
         if impl == "pallas":  # grouped-matmul kernels (interpreted off TPU)
             out_ND = experts_pallas(x_ND, weights_NX, experts_NX, *experts, routed=routed, layer=layer)
-        elif impl in LOCAL_FFN:  # experts sharded over the ambient mesh's "expert" axis, tokens moved by
-            # all_to_all (sharding/expert_parallel.py); without such a mesh it is the local FFN itself: grouped
+        elif impl in LOCAL_FFN:  # experts sharded over the ambient mesh's "expert" axis, tokens all-gathered
+            # (dropless) or moved by all_to_all (capacity-limited: sharding/expert_parallel.py); without such a
+            # mesh it is the local FFN itself: grouped
             # tiles ("ep": CPU), ragged_dot ("ep_ragged": TPU) or the Pallas kernels ("ep_pallas").
             local_ffn = partial(experts_pallas, routed=routed) if impl == "ep_pallas" else LOCAL_FFN[impl]
             out_ND = moe_expert_parallel(x_ND, weights_NX, experts_NX, *experts, local_ffn=local_ffn,

@@ -1,22 +1,25 @@
-"""Expert-parallel MoE: each device of the "expert" mesh axis holds E/n routed experts; tokens travel to the
-devices that own their experts and back through two all_to_all exchanges. Expert weights never move.
+"""Expert-parallel MoE: each device of the "expert" mesh axis holds E/n routed experts, and expert weights never
+move (gathering them, w[idx] under a sharded expert axis, is what XLA would do otherwise: the whole expert
+stack all-gathered every layer, SPEC.md section 7). Two exchanges, chosen by the capacity rule:
 
-Why all_to_all and not "replicate tokens, psum the outputs": the psum variant moves every token's [D] row to
-every expert device and reduces an [N, D] array over the axis (n times the data), while all_to_all moves each
-(token, expert) pair once each way. Gathering the weights (w[idx] under a sharded expert axis) is what XLA would
-do otherwise: the whole expert stack all-gathered every layer (SPEC.md section 7).
+- dropless (capacity_factor=None, the default): every device all-gathers the tokens (and routing) of its
+  expert group along the axis, runs its own experts on the pairs that chose them, and a reduce-scatter sums
+  each token's shares back on the device that holds the token. Nothing is dropped.
+- capacity-limited (capacity_factor=f): tokens travel to the devices that own their experts and back through
+  two all_to_all exchanges, each source device packing its pairs into C = ceil(f * N_local * X / n) rows per
+  destination. Pairs past a destination's C, in token order on each source device, are DROPPED: they
+  contribute zero to their token (the token still gets its other experts and the shared expert).
+  `dispatch_plan` reproduces the rule.
 
-Capacity: every source device packs its pairs into a buffer of C rows per destination device.
-- dropless (capacity_factor=None, the default): C = N_local * min(X, E_local), the most pairs one device's
-  tokens can send to one destination (a token's X experts are distinct, so at most min(X, E_local) of them
-  live on one device). Nothing is ever dropped; the buffers are sized for the worst case, but empty rows are
-  never computed (they carry local expert id E_local, which the local FFN skips).
-- capacity-limited (capacity_factor=f): C = ceil(f * N_local * X / n) (capped at the dropless C). Pairs past
-  a destination's C, in token order on each source device, are DROPPED: they contribute zero to their token
-  (the token still gets its other experts and the shared expert). `dispatch_plan` reproduces the rule.
+Why the gather for dropless: a dropless all_to_all buffer needs N_local * min(X, E_local) rows per
+destination (a token's X experts are distinct, so at most min(X, E_local) live on one device), n * C =
+N_group * min(X, E_local) rows in all, and the dispatch moves it four times (pack, send, return, unpack),
+while the gather moves N_group rows in and out once. Measured on the full K2.6 decode plan (v5p-128, one token
+per chip): the all_to_all buffers were 384 rows of [7168] per chip per layer for ~8 real pairs. The
+all_to_all wins when a capacity makes C small (f * X < n), which is why prefill and training plans use one.
 
 Sizes: N tokens, X experts per token, P = N*X pairs, E experts, n devices on the expert axis, C rows per
-destination, R = n*C rows a device receives.
+destination, R = n*C rows a device receives, G = n * N_local tokens of one expert group.
 """
 
 from __future__ import annotations
@@ -38,12 +41,11 @@ def expert_axis_size(mesh, axis: str = EXPERT_AXIS) -> int:
     return mesh.shape[axis]
 
 
-def capacity(tokens_local: int, top_k: int, num_experts: int, n: int, capacity_factor: float | None) -> int:
-    """Rows per destination device in the dispatch buffer (see the module docstring)."""
-    dropless = tokens_local * min(top_k, num_experts // n)
-    if capacity_factor is None:
-        return max(dropless, 1)
-    return max(1, min(dropless, math.ceil(capacity_factor * tokens_local * top_k / n)))
+def capacity(tokens_local: int, top_k: int, num_experts: int, n: int, capacity_factor: float) -> int:
+    """Rows per destination device in the all_to_all dispatch buffer (see the module docstring), at most the
+    N_local * min(X, E_local) pairs one device's tokens can send to one destination."""
+    most = tokens_local * min(top_k, num_experts // n)
+    return max(1, min(most, math.ceil(capacity_factor * tokens_local * top_k / n)))
 
 
 def dispatch_plan(experts_NX, num_experts: int, n: int, cap: int):
@@ -67,7 +69,7 @@ def moe_expert_parallel(x_ND, weights_NX, experts_NX, w_gate_EDF, w_up_EDF, w_do
 
     local_ffn(x_RD, weights_RX, experts_RX, w_gate, w_up, w_down) -> [R, D] is the single-device grouped FFN
     (kimi_jax.moe.experts_grouped); it must skip pairs whose expert id is >= the number of experts it holds,
-    which is how empty buffer rows (id E_local) cost nothing. Weights may be dense arrays or INT4 pytrees whose
+    which is how pairs for other devices and empty buffer rows (id E_local) cost nothing. Weights may be dense arrays or INT4 pytrees whose
     leaves all lead with the expert axis. `layer`: every weight leaf leads with a layers axis before the expert
     axis, and local_ffn takes `layer=` (the Pallas kernels read that layer of the stacks in place)."""
     mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
@@ -94,11 +96,23 @@ def moe_expert_parallel(x_ND, weights_NX, experts_NX, w_gate_EDF, w_up_EDF, w_do
         x_ND = jnp.pad(x_ND, ((0, N_pad - N), (0, 0)))
         weights_NX = jnp.pad(weights_NX, ((0, N_pad - N), (0, 0)))
         experts_NX = jnp.pad(experts_NX, ((0, N_pad - N), (0, 0)), constant_values=E)
-    cap = capacity(N_pad // devices, X, E, n, capacity_factor)
 
-    def local(x_nD, weights_nX, experts_nX, w_gate, w_up, w_down, layer):
+    def gather_dispatch(x_nD, weights_nX, experts_nX, w_gate, w_up, w_down, layer):
+        E_local = E // n
+        x_GD = jax.lax.all_gather(x_nD, axis, tiled=True)  # the expert group's tokens, in device order
+        weights_GX = jax.lax.all_gather(weights_nX, axis, tiled=True)
+        experts_GX = jax.lax.all_gather(experts_nX, axis, tiled=True)
+        mine_GX = (experts_GX // E_local == jax.lax.axis_index(axis)) & (experts_GX < E)  # padding pairs: id E
+        local_id_GX = jnp.where(mine_GX, experts_GX % E_local, E_local)  # E_local: not here, skipped
+        y_GD = ffn(x_GD, weights_GX, local_id_GX, w_gate, w_up, w_down, layer=layer)  # this device's share
+        # Summed in float32: a token's X experts sit on up to X devices.
+        out_nD = jax.lax.psum_scatter(y_GD.astype(jnp.float32), axis, scatter_dimension=0, tiled=True)
+        return out_nD.astype(x_nD.dtype)
+
+    def all_to_all_dispatch(x_nD, weights_nX, experts_nX, w_gate, w_up, w_down, layer):
         E_local = E // n
         Nl = x_nD.shape[0]
+        cap = capacity(Nl, X, E, n, capacity_factor)
         slot_P, keep_P = dispatch_plan(experts_nX, E, n, cap)
         token_P = jnp.arange(Nl * X) // X
         # Send buffers [n, C, .]: block j goes to device j; dropped pairs (slot n * C, past the end) are not
@@ -118,8 +132,9 @@ def moe_expert_parallel(x_ND, weights_NX, experts_NX, w_gate_EDF, w_up_EDF, w_do
 
     w_spec = lambda w: jax.tree.map(lambda _: P(*(None,) * lead, axis), w)  # noqa: E731  (the expert axis only)
     tok = P(token_axes)
-    out_ND = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, w_spec(w_gate_EDF), w_spec(w_up_EDF),
-                                                       w_spec(w_down_EFD), P()),
+    dispatch = gather_dispatch if capacity_factor is None else all_to_all_dispatch
+    out_ND = jax.shard_map(dispatch, mesh=mesh, in_specs=(tok, tok, tok, w_spec(w_gate_EDF), w_spec(w_up_EDF),
+                                                          w_spec(w_down_EFD), P()),
                            out_specs=tok, check_vma=False)(x_ND, weights_NX, experts_NX, w_gate_EDF, w_up_EDF,
                                                            w_down_EFD, layer)
     return out_ND[:N]

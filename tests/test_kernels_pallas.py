@@ -241,10 +241,15 @@ def test_gmm_reads_one_layer_of_stacked_weights(interpret):
     assert rel(got, gmm.expert_ffn_reference(x, weights, experts, rhs, rhs2, w_down)) < F32_TOL
 
 
+@pytest.mark.parametrize("one_hot", [True, False], ids=["one_hot_rows", "gathered_rows"])
 @pytest.mark.parametrize("N,X,E", [(10, 3, 6), (1, 2, 8), (33, 8, 16)])
-def test_expert_ffn_equals_references(N, X, E):
-    """Against this file's definition and against the model's own (kimi_jax.moe.experts_reference)."""
+def test_expert_ffn_equals_references(N, X, E, one_hot, monkeypatch):
+    """Against this file's definition and against the model's own (kimi_jax.moe.experts_reference), with the
+    pairs sorted and combined by one-hot matmuls (few tokens) and by row gathers (many)."""
     from kimi_jax.moe import experts_reference
+
+    monkeypatch.setattr(gmm, "ONE_HOT_MAX_TOKENS", N if one_hot else N - 1)
+    gmm.expert_ffn.clear_cache()  # the path is chosen at trace time
 
     D, F = 32, 24
     rng = np.random.default_rng(N)

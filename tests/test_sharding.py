@@ -69,8 +69,9 @@ def test_expert_parallel_dropless_equals_single_device(shape, local_ffn):
     assert rel(experts_grouped(*args), expected) < 1e-5
     out, hlo = run_ep(make_mesh(shape), *args, local_ffn=local_ffn)
     assert rel(out, expected) < 1e-5
-    # Tokens travel by all_to_all; no collective moves anything shaped like an expert matrix ([24, 40]).
-    assert "all-to-all" in hlo
+    # Dropless: the expert group's tokens are all-gathered and each device's share comes back by reduce-scatter;
+    # no collective moves anything shaped like an expert matrix ([24, 40]).
+    assert "all-gather" in hlo and "reduce-scatter" in hlo and "all-to-all" not in hlo
     assert not moved_weights(hlo)
     if shape == {"expert": 8} and local_ffn is experts_grouped:  # the control: indexing w[idx] moves weights
         mesh = make_mesh(shape)
@@ -113,7 +114,8 @@ def test_expert_parallel_capacity_drops_exactly_the_overflow():
     cap = capacity(N // 8, X, E, 8, 1.0)
     kept_weights_NX, dropped = dropped_reference_weights(experts_NX, weights_NX, 8, 8, E, cap)
     assert 0 < dropped < N * X
-    out, _ = run_ep(mesh, x_ND, weights_NX, experts_NX, *ws, capacity_factor=1.0)
+    out, hlo = run_ep(mesh, x_ND, weights_NX, experts_NX, *ws, capacity_factor=1.0)
+    assert "all-to-all" in hlo and not moved_weights(hlo)  # with a capacity, pairs travel by all_to_all
     assert rel(out, experts_reference(x_ND, jnp.asarray(kept_weights_NX), experts_NX, *ws)) < 1e-5
     assert rel(out, experts_reference(x_ND, weights_NX, experts_NX, *ws)) > 1e-2  # the drops are visible
 
@@ -145,12 +147,12 @@ def tiny_expected():
 def test_sharded_forward_and_generate_equal_single_device(shape, tiny_expected):
     ep, ids_BT, prompts, expected_logits, expected_tokens = tiny_expected
     mesh, sharded, ids = sharded_model_and_ids(shape, ep, ids_BT)
-    if "expert" in shape:  # the expert stacks really are split, and the MoE exchanges tokens
+    if "expert" in shape:  # the expert stacks really are split, and the MoE gathers tokens (dropless)
         assert len(sharded.moe_layers.layers.mlp.w_gate.get_value().sharding.device_set) == 8
     with jax.set_mesh(mesh):
         jitted = nnx.jit(lambda m, x: m(x))
         if "expert" in shape:
-            assert "all-to-all" in jitted.lower(sharded, ids).compile().as_text()
+            assert "reduce-scatter" in jitted.lower(sharded, ids).compile().as_text()
         assert rel(jitted(sharded, ids), expected_logits) < 1e-5
         assert generate(sharded, prompts, max_new_tokens=4).tokens == expected_tokens
 
