@@ -11,7 +11,8 @@ mostly such rows at decode, sized for the worst case).
 
 expert_ffn: (token, expert) pairs sorted by expert, gate and up projections in one fused pass
 (silu(x @ w_gate) * (x @ w_up), reading each row tile once), the down projection, then the combine back
-to token order (each token gathers its X rows, weighted). The packed-INT4 variant (kimi_jax/quant.py's format,
+to token order (each token sums its X rows, weighted); both permutations are one-hot matmuls for up to
+ONE_HOT_MAX_TOKENS tokens (decode), row gathers above. The packed-INT4 variant (kimi_jax/quant.py's format,
 dequantized in VMEM) is moe_gmm_int4.py, on the same schedule and epilogue.
 """
 

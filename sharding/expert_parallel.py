@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from kernels_pallas.moe_gmm import combine_pairs, sort_pairs
+
 EXPERT_AXIS = "expert"
 
 
@@ -143,21 +145,13 @@ def moe_expert_parallel(x_ND, weights_NX, experts_NX, w_gate_EDF, w_up_EDF, w_do
 def experts_ragged(x_RD, weights_RX, experts_RX, w_gate_EDF, w_up_EDF, w_down_EFD):
     """A local expert FFN for TPU: rows sorted by expert, then `jax.lax.ragged_dot` (a grouped matmul that
     reads each expert's matrices once; cost_analysis counts it, unlike a loop over tiles, whose body it counts
-    once). Pairs with expert id >= E sort last, outside every group, and contribute zero. On CPU ragged_dot is
+    once). Pairs are sorted and combined as the Pallas expert FFN does it (kernels_pallas.moe_gmm.sort_pairs,
+combine_pairs). Pairs with expert id >= E sort last, outside every group, and contribute zero. On CPU ragged_dot is
     a dense loop over experts (SPEC.md section 7): there use kimi_jax.moe.experts_grouped. INT4 stacks are
     dequantized whole (`.dequantize`), which reads the packed bytes once."""
-    R, D = x_RD.shape
-    X = experts_RX.shape[1]
     dense = [w.dequantize(x_RD.dtype) if hasattr(w, "dequantize") else w for w in (w_gate_EDF, w_up_EDF, w_down_EFD)]
     E = dense[0].shape[0]
-    expert_P = experts_RX.reshape(-1)
-    order_P = jnp.argsort(expert_P, stable=True)
-    token_P = order_P // X
-    sizes_E = jnp.bincount(expert_P, length=E).astype(jnp.int32)  # ids >= E are not counted
-    x_PD = x_RD[token_P]
+    x_PD, sizes_E, order_P = sort_pairs(x_RD, experts_RX, E, experts_RX.size)  # ids >= E are not counted
     h_PF = jax.nn.silu(jax.lax.ragged_dot(x_PD, dense[0], sizes_E)) * jax.lax.ragged_dot(x_PD, dense[1], sizes_E)
     y_PD = jax.lax.ragged_dot(h_PF, dense[2], sizes_E)
-    valid_P = expert_P[order_P] < E
-    weight_P = jnp.where(valid_P, weights_RX.reshape(-1)[order_P], 0.0)
-    out_RD = jnp.zeros((R, D), jnp.float32).at[token_P].add(y_PD.astype(jnp.float32) * weight_P[:, None])
-    return out_RD.astype(x_RD.dtype)
+    return combine_pairs(y_PD, order_P, jnp.where(experts_RX < E, weights_RX, 0.0), x_RD.dtype)
