@@ -46,3 +46,25 @@ def test_greedy_generate_matches_transformers(hf_checkpoint, name):
         ref = hf_model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
                                 eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
         assert ours == ref
+
+
+def test_greedy_generate_in_cpu_streams_equals_one_batch(hf_checkpoint, monkeypatch):
+    """An even greedy batch on a CPU is decoded as CPU_DECODE_STREAMS groups side by side (threads): the same
+    tokens as one batch, and as transformers; sampling and uneven batches stay one batch."""
+    import kimi_jax.generate as gen
+
+    hf_model, directory = hf_checkpoint("qlora_yarn")
+    model = load(directory, dtype="float32", progress=False)
+    prompts = [random_ids(hf_model.config.vocab_size, 1, n, seed=n)[0].tolist() for n in (5, 23, 11, 17)]
+    monkeypatch.setattr(gen.os, "cpu_count", lambda: 2)
+    assert gen.cpu_streams(model, 4, gen.SamplingParams()) == 2
+    assert gen.cpu_streams(model, 3, gen.SamplingParams()) == 1
+    assert gen.cpu_streams(model, 4, gen.SamplingParams(temperature=0.7)) == 1
+    split = generate(model, prompts, max_new_tokens=24).tokens
+    monkeypatch.setattr(gen, "CPU_DECODE_STREAMS", 1)
+    assert gen.cpu_streams(model, 4, gen.SamplingParams()) == 1
+    assert generate(model, prompts, max_new_tokens=24).tokens == split
+    for prompt, ours in zip(prompts, split):
+        ref = hf_model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        assert ours == ref
