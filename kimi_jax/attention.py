@@ -287,9 +287,28 @@ def _write_rows(cache, latent_BTL, k_rope_BTK, positions_BT, layer, *, seq_axes)
         S = cache[0].shape[-2]
         local_BT = positions_BT - jax.lax.axis_index(seq_axes) * S
         positions_BT = jnp.where((local_BT >= 0) & (local_BT < S), local_BT, S)  # S: past the end, dropped
+    if seq_axes is not None and positions_BT.shape[1] == 1:
+        return tuple(_write_one_row_each(c, new, positions_BT[:, 0], layer)
+                     for c, new in zip(cache, (latent_BTL, k_rope_BTK)))
     b_BT = jnp.arange(positions_BT.shape[0])[:, None]
     at = (b_BT, positions_BT) if layer is None else (layer, b_BT, positions_BT)
     return tuple(c.at[at].set(new.astype(c.dtype), mode="drop") for c, new in zip(cache, (latent_BTL, k_rope_BTK)))
+
+
+def _write_one_row_each(cache_BSC, new_BTC, positions_B, layer):
+    """Decode's cache write as one dynamic_update_slice per sequence (a position past the rows rewrites the row
+    it clamps to with its own value). A scatter with the layer index in front is costed on TPU as a pass over
+    the whole stack: the full K2.6 v5p-256 decode plan, whose caches are split by position (all 64 sequences on
+    every chip), went from 2.03x to 1.18x ideal bytes with this."""
+    S, C = cache_BSC.shape[-2:]
+    lead = () if layer is None else (layer,)
+    for b in range(positions_B.shape[0]):
+        start = (*lead, b, jnp.minimum(positions_B[b], S - 1), 0)
+        size = (*(1,) * len(lead), 1, 1, C)
+        old = jax.lax.dynamic_slice(cache_BSC, start, size)
+        row = new_BTC[b, 0].reshape(size).astype(cache_BSC.dtype)
+        cache_BSC = jax.lax.dynamic_update_slice(cache_BSC, jnp.where(positions_B[b] < S, row, old), start)
+    return cache_BSC
 
 
 def write_paged_cache(pages, latent_BTL, k_rope_BTK, positions_BT, page_table_BP, layer=None):
