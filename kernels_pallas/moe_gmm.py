@@ -314,6 +314,12 @@ def expected_routing(num_pairs: float, experts_hit: float | None, E: int, P: int
 ONE_HOT_MAX_TOKENS = 1024
 
 
+def _sorted_tokens(order_P, X: int, M: int, padding: int):
+    """The token of each of the M sorted rows (pair order_P[m] belongs to token order_P[m] // X); `padding` for
+    the rows past the P pairs."""
+    return jnp.concatenate([order_P // X, jnp.full((M - order_P.shape[0],), padding, order_P.dtype)])
+
+
 def sort_pairs(x_ND, experts_NX, E: int, M: int):
     """The (token, expert) pairs sorted by expert, as M rows (M >= N*X; padding rows past every group):
     x_MD (row m holds the token of the m-th pair), sizes_E, and order_P (the pair at each sorted row).
@@ -323,7 +329,7 @@ def sort_pairs(x_ND, experts_NX, E: int, M: int):
     expert_P = experts_NX.reshape(P).astype(jnp.int32)
     order_P = jnp.argsort(expert_P, stable=True)
     sizes_E = jnp.bincount(expert_P, length=E).astype(jnp.int32)
-    token_M = jnp.concatenate([order_P // X, jnp.zeros((M - P,), order_P.dtype)])
+    token_M = _sorted_tokens(order_P, X, M, 0)
     if N <= ONE_HOT_MAX_TOKENS:
         one_hot_MN = (token_M[:, None] == jnp.arange(N)[None, :]).astype(x_ND.dtype)
         x_MD = jnp.dot(one_hot_MN, x_ND, precision=jax.lax.Precision.HIGHEST,
@@ -339,7 +345,7 @@ def combine_pairs(y_MD, order_P, weights_NX, dtype):
     P, M = N * X, y_MD.shape[0]
     weights_NX = weights_NX.astype(jnp.float32)
     if N <= ONE_HOT_MAX_TOKENS:
-        token_M = jnp.concatenate([order_P // X, jnp.full((M - P,), N, order_P.dtype)])  # padding: no token
+        token_M = _sorted_tokens(order_P, X, M, N)  # padding rows: no token
         weight_M = jnp.concatenate([weights_NX.reshape(P)[order_P], jnp.zeros((M - P,), jnp.float32)])
         combine_NM = jnp.where(jnp.arange(N)[:, None] == token_M[None, :], weight_M[None, :], 0.0)
         out_ND = jnp.dot(combine_NM, y_MD.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from kernels_pallas.mla_decode import merge_partials, mla_decode  # attention_impl="pallas" (interpreted off TPU)
 from kernels_pallas._common import target_device
+from kernels_pallas.mla_decode import merge_partials, mla_decode  # attention_impl="pallas" (interpreted off TPU)
 from kernels_pallas.mla_prefill import mla_prefill
 from kimi_jax.config import KimiConfig
 from kimi_jax.layers import apply_rope, param, rms_norm
@@ -287,9 +287,9 @@ def _write_rows(cache, latent_BTL, k_rope_BTK, positions_BT, layer, *, seq_axes)
         S = cache[0].shape[-2]
         local_BT = positions_BT - jax.lax.axis_index(seq_axes) * S
         positions_BT = jnp.where((local_BT >= 0) & (local_BT < S), local_BT, S)  # S: past the end, dropped
-    if seq_axes is not None and positions_BT.shape[1] == 1:
-        return tuple(_write_one_row_each(c, new, positions_BT[:, 0], layer)
-                     for c, new in zip(cache, (latent_BTL, k_rope_BTK)))
+        if positions_BT.shape[1] == 1:
+            return tuple(_write_one_row_each(c, new, positions_BT[:, 0], layer)
+                         for c, new in zip(cache, (latent_BTL, k_rope_BTK)))
     b_BT = jnp.arange(positions_BT.shape[0])[:, None]
     at = (b_BT, positions_BT) if layer is None else (layer, b_BT, positions_BT)
     return tuple(c.at[at].set(new.astype(c.dtype), mode="drop") for c, new in zip(cache, (latent_BTL, k_rope_BTK)))

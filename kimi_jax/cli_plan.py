@@ -172,7 +172,8 @@ def plan(topology: str, mode: str, batch: int, context: int, *, int4: bool = Fal
         "preset": preset_name, "topology": topology, "chips": mesh.size, "mesh": dict(mesh.shape), "mode": mode,
         "batch": batch, "context": context, "int4": int4,
         "moe_dispatch": ("dropless (token all-gather + reduce-scatter)" if capacity_factor is None
-                         else f"capacity {capacity_factor:g} (all_to_all)") + f", local {local_ffn}", "attention": attention, "pallas_kernels": full["kernels"],
+                         else f"capacity {capacity_factor:g} (all_to_all)") + f", local {local_ffn}",
+        "attention": attention, "pallas_kernels": full["kernels"],
         "fits": mem["hbm_needed_per_chip_bytes"] <= chip.hbm_bytes,
         "hbm_per_chip_bytes": chip.hbm_bytes,
         "hbm_needed_per_chip_bytes": mem["hbm_needed_per_chip_bytes"],

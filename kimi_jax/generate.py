@@ -218,8 +218,8 @@ def generate(model: KimiForCausalLM, prompts: Sequence[Sequence[int] | str], max
     prefilled = _each(lambda args: jax.block_until_ready(prefill(*args)), inputs)
     prefill_s = time.perf_counter() - start
 
-    decode_inputs = [(state, logits_BV, args[2], cache, jax.random.key(seed), stop, jnp.int32(pad_id))
-                     for (logits_BV, cache), args in zip(prefilled, inputs)]
+    decode_inputs = [(state, logits_BV, lengths_B, cache, jax.random.key(seed), stop, jnp.int32(pad_id))
+                     for (logits_BV, cache), (_, _, lengths_B, _) in zip(prefilled, inputs)]
     decode, decode_compile_s = _compiled("decode", _decode, (graphdef, params, max_new_tokens), decode_inputs[0],
                                          donate=())
     start = time.perf_counter()

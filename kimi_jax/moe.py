@@ -212,8 +212,8 @@ class MoE(nnx.Module):
             out_ND = experts_pallas(x_ND, weights_NX, experts_NX, *experts, routed=routed, layer=layer)
         elif impl in LOCAL_FFN:  # experts sharded over the ambient mesh's "expert" axis, tokens all-gathered
             # (dropless) or moved by all_to_all (capacity-limited: sharding/expert_parallel.py); without such a
-            # mesh it is the local FFN itself: grouped
-            # tiles ("ep": CPU), ragged_dot ("ep_ragged": TPU) or the Pallas kernels ("ep_pallas").
+            # mesh it is the local FFN itself: grouped tiles ("ep": CPU), ragged_dot ("ep_ragged": TPU) or the
+            # Pallas kernels ("ep_pallas").
             local_ffn = partial(experts_pallas, routed=routed) if impl == "ep_pallas" else LOCAL_FFN[impl]
             out_ND = moe_expert_parallel(x_ND, weights_NX, experts_NX, *experts, local_ffn=local_ffn,
                                          capacity_factor=self.cfg.moe_capacity_factor, layer=layer)

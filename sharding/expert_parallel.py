@@ -71,9 +71,10 @@ def moe_expert_parallel(x_ND, weights_NX, experts_NX, w_gate_EDF, w_up_EDF, w_do
 
     local_ffn(x_RD, weights_RX, experts_RX, w_gate, w_up, w_down) -> [R, D] is the single-device grouped FFN
     (kimi_jax.moe.experts_grouped); it must skip pairs whose expert id is >= the number of experts it holds,
-    which is how pairs for other devices and empty buffer rows (id E_local) cost nothing. Weights may be dense arrays or INT4 pytrees whose
-    leaves all lead with the expert axis. `layer`: every weight leaf leads with a layers axis before the expert
-    axis, and local_ffn takes `layer=` (the Pallas kernels read that layer of the stacks in place)."""
+    which is how pairs for other devices and empty buffer rows (id E_local) cost nothing. Weights may be dense
+    arrays or INT4 pytrees whose leaves all lead with the expert axis. `layer`: every weight leaf leads with a
+    layers axis before the expert axis, and local_ffn takes `layer=` (the Pallas kernels read that layer of the
+    stacks in place)."""
     mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
     n = expert_axis_size(mesh, axis)
 
@@ -87,6 +88,7 @@ def moe_expert_parallel(x_ND, weights_NX, experts_NX, w_gate_EDF, w_up_EDF, w_do
     if E % n:
         raise ValueError(f"expert parallelism: n_routed_experts={E} is not divisible by mesh axis {axis!r} of "
                          f"size {n}")
+    E_local = E // n
     N, D = x_ND.shape
     X = experts_NX.shape[1]
     # Tokens are split over every mesh axis (each device dispatches its own share); pad N to a multiple of the
@@ -100,7 +102,6 @@ def moe_expert_parallel(x_ND, weights_NX, experts_NX, w_gate_EDF, w_up_EDF, w_do
         experts_NX = jnp.pad(experts_NX, ((0, N_pad - N), (0, 0)), constant_values=E)
 
     def gather_dispatch(x_nD, weights_nX, experts_nX, w_gate, w_up, w_down, layer):
-        E_local = E // n
         x_GD = jax.lax.all_gather(x_nD, axis, tiled=True)  # the expert group's tokens, in device order
         weights_GX = jax.lax.all_gather(weights_nX, axis, tiled=True)
         experts_GX = jax.lax.all_gather(experts_nX, axis, tiled=True)
@@ -112,7 +113,6 @@ def moe_expert_parallel(x_ND, weights_NX, experts_NX, w_gate_EDF, w_up_EDF, w_do
         return out_nD.astype(x_nD.dtype)
 
     def all_to_all_dispatch(x_nD, weights_nX, experts_nX, w_gate, w_up, w_down, layer):
-        E_local = E // n
         Nl = x_nD.shape[0]
         cap = capacity(Nl, X, E, n, capacity_factor)
         slot_P, keep_P = dispatch_plan(experts_nX, E, n, cap)
@@ -146,8 +146,8 @@ def experts_ragged(x_RD, weights_RX, experts_RX, w_gate_EDF, w_up_EDF, w_down_EF
     """A local expert FFN for TPU: rows sorted by expert, then `jax.lax.ragged_dot` (a grouped matmul that
     reads each expert's matrices once; cost_analysis counts it, unlike a loop over tiles, whose body it counts
     once). Pairs are sorted and combined as the Pallas expert FFN does it (kernels_pallas.moe_gmm.sort_pairs,
-combine_pairs). Pairs with expert id >= E sort last, outside every group, and contribute zero. On CPU ragged_dot is
-    a dense loop over experts (SPEC.md section 7): there use kimi_jax.moe.experts_grouped. INT4 stacks are
+    combine_pairs). Pairs with expert id >= E sort last, outside every group, and contribute zero. On CPU
+    ragged_dot is a dense loop over experts (SPEC.md section 7): there use kimi_jax.moe.experts_grouped. INT4 stacks are
     dequantized whole (`.dequantize`), which reads the packed bytes once."""
     dense = [w.dequantize(x_RD.dtype) if hasattr(w, "dequantize") else w for w in (w_gate_EDF, w_up_EDF, w_down_EFD)]
     E = dense[0].shape[0]

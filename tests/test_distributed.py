@@ -1,8 +1,8 @@
 """Multi-host through jax.distributed, on one machine: two processes on localhost, 4 fake CPU devices each, join
 through `sharding.distributed.initialize` (collectives over gloo), load one checkpoint with
 `kimi_jax.load(..., mesh=...)` onto a mesh over all 8 devices (the routed experts split across both processes, so
-the MoE's token all-gather and reduce-scatter cross processes), and run the sharded forward and a greedy generate; each process's result
-must equal the single-device result of this (pytest) process."""
+the MoE's token all-gather and reduce-scatter cross processes), and run the sharded forward and a greedy
+generate; each process's result must equal the single-device result of this (pytest) process."""
 
 import json
 import os

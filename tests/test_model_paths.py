@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from kimi_jax import KimiForCausalLM, preset
-from kimi_jax.attention import absorbed_attention, causal_attention, naive_attention
+from kimi_jax.attention import _write_one_row_each, absorbed_attention, causal_attention, naive_attention
 from kimi_jax.cache import init_cache
 from kimi_jax.moe import experts_grouped, experts_reference, route
 from kimi_jax.views import StackViews, split_layer_views
@@ -85,6 +85,23 @@ def test_decode_step_by_step_equals_full_forward(loop):
         pieces.append(logits)
     assert rel(jnp.concatenate(pieces, axis=1), full) < 1e-5
 
+
+@pytest.mark.parametrize("layer", [None, 1])
+def test_one_row_cache_write_equals_the_scatter(layer):
+    """Decode's per-sequence dynamic_update_slice cache write (caches split by position) against the scatter it
+    replaces, several sequences, on one layer of a stack and on a plain cache; position S is past this device's
+    rows and must leave the cache as it was."""
+    B, S, C = 4, 8, 6
+    rng = np.random.default_rng(3)
+    shape = (B, S, C) if layer is None else (3, B, S, C)
+    cache = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    new_BTC = jnp.asarray(rng.standard_normal((B, 1, C)), jnp.float32)
+    positions_B = jnp.asarray([0, 5, S, S - 1], jnp.int32)
+    at = (jnp.arange(B), positions_B) if layer is None else (layer, jnp.arange(B), positions_B)
+    want = cache.at[at].set(new_BTC[:, 0], mode="drop")
+    got = _write_one_row_each(cache, new_BTC, positions_B, None if layer is None else jnp.int32(layer))
+    assert not np.array_equal(want, cache)  # rows were written
+    np.testing.assert_array_equal(got, want)
 
 def test_chunked_prefill_over_cache_equals_full_forward():
     cfg = preset("tiny")
