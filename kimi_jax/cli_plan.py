@@ -6,8 +6,11 @@ NamedShardings), with the layers under a scan so 61 layers compile in seconds. R
 - HBM needed (memory_analysis of the full program) against the chip's HBM;
 - FLOPs and bytes of one step (cost_analysis counts a scan body once, so the program is compiled with one
   and with two layers per scan iteration, or --cost-method unrolled: with 1 and 2 unrolled MoE layers; the
-  difference is one layer: first + (layers - 1) * difference; tests/test_sharding.py holds both to a fully
-  unrolled compile);
+  difference is one layer: first + (layers - 1) * difference. A training step adds one MoE layer's forward and
+  backward compiled alone instead (--cost-method layer): one compile of a layer, not of a second whole step,
+  and no loop-carried stacked gradient buffer, whose per-iteration dynamic_update_slice TPU's cost model
+  charges as a read and write of the whole buffer. tests/test_sharding.py holds each to a fully unrolled
+  compile);
 - ideal bytes, counted by hand: the weight shards the step must read (routed experts scaled by the expected
   fraction that the step's tokens choose) plus the cache shard; bytes / ideal is the program's waste;
 - a roofline step time, max(FLOPs / peak, bytes / bandwidth), and tokens/s from it.
@@ -25,6 +28,7 @@ import json
 import math
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from sharding.plan import CHIPS, parse_mesh
 
@@ -59,10 +63,11 @@ def add_plan(sub):
     p.add_argument("--kernels", action="store_true",
                    help="the Pallas kernels for attention and the local expert FFN (= --attention pallas "
                         "--local-ffn pallas)")
-    p.add_argument("--cost-method", choices=("scan", "unrolled"), default="scan",
+    p.add_argument("--cost-method", choices=("scan", "unrolled", "layer"), default=None,
                    help="per-layer cost from the scan compiled with 1 and 2 layers per iteration (2 compiles; "
-                        "includes the loop's per-iteration slicing), or from unrolled 1- and 2-MoE-layer variants "
-                        "(3 compiles, slower)")
+                        "includes the loop's per-iteration slicing; the default for decode and prefill), from "
+                        "unrolled 1- and 2-MoE-layer variants (3 compiles, slower), or, training only and its "
+                        "default, from one MoE layer's forward and backward compiled alone")
     p.add_argument("--preset", default="kimi-k2.6", help="configuration preset (tests use small ones)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run_plan)
@@ -99,18 +104,22 @@ def run_plan(args) -> int:
 def plan(topology: str, mode: str, batch: int, context: int, *, int4: bool = False,
          mesh_shape: dict | None = None, preset_name: str = "kimi-k2.6",
          capacity_factor: float | None = None, local_ffn: str = "ragged", attention: str = "xla",
-         cost_method: str = "scan") -> dict:
+         cost_method: str | None = None) -> dict:
     """The plan as a dict (the `--json` object). Raises ShardingError / ConfigError with what is wrong."""
     import jax
     import jax.numpy as jnp
 
     from kimi_jax.config import ExpertQuant, preset
     from sharding.plan import (chip_of, compiled_cost, default_mesh_shape, expected_expert_fraction,
-                               hbm_oom_bytes, roofline, scan_corrected, topology_devices, topology_mesh)
+                               hbm_oom_bytes, layer_corrected, roofline, scan_corrected, topology_devices,
+                               topology_mesh)
     from sharding.rules import SERVE, TRAIN, ShardingError
 
     if mode not in MODES:
         raise ShardingError(f"--mode {mode!r}: expected one of {MODES}")
+    cost_method = cost_method or ("layer" if mode == "train" else "scan")
+    if cost_method == "layer" and mode != "train":
+        raise ShardingError(f"--cost-method layer with --mode {mode}: the one-layer program is a training step's")
     if batch < 1 or context < 2:
         raise ShardingError(f"--batch {batch} / --context {context}: need batch >= 1 and context >= 2")
     chip = chip_of(topology)
@@ -136,6 +145,12 @@ def plan(topology: str, mode: str, batch: int, context: int, *, int4: bool = Fal
     # The full program gives the memory. Cost: cost_analysis counts a loop body once, so a second compile
     # with two MoE layers per scan iteration (same partitioning, one more layer counted) differs from it by
     # one layer; the step is the first plus (num_moe_layers - 1) times the difference (`scan_corrected`).
+    # The one-layer program compiles in a second thread beside the step (TPU codegen leaves part of the 2 cores
+    # idle: full K2.6 training on v5p-256, 111 s side by side, 121 s one after the other).
+    pool = ThreadPoolExecutor(1)
+    layer_future = (pool.submit(_compile_moe_layer_grad, cfg, mesh, rules, batch, context)
+                    if cost_method == "layer" else None)
+    pool.shutdown(wait=False)
     try:
         full = _compile_step(cfg, mesh, rules, mode, batch, context)
     except Exception as e:  # XLA refuses a program that cannot fit: that is the answer, not a crash
@@ -148,20 +163,26 @@ def plan(topology: str, mode: str, batch: int, context: int, *, int4: bool = Fal
                 "flops_per_step": None, "bytes_per_step": None, "ideal_bytes_per_step": None,
                 "est_tokens_per_s": None, "compile_error": str(e).splitlines()[0][:300],
                 "compile_s": time.perf_counter() - start}
-    two = None
-    if cost_method == "scan":
-        try:
-            one, two = full, _compile_step(cfg.replace(scan_unroll=2), mesh, rules, mode, batch, context)
-        except Exception as e:  # two layers' temporaries per iteration can overflow a chip the program fits
-            if hbm_oom_bytes(e) is None:
-                raise
-            cost_method = "unrolled (two layers per scan iteration did not fit)"
-    if two is None:  # the layers unrolled, 1 and 2 MoE layers: no loop at all, one more compile
-        one, two = (_compile_step(cfg.replace(num_hidden_layers=cfg.first_k_dense_replace + k, layer_loop="unroll"),
-                                  mesh, rules, mode, batch, context) for k in (1, 2))
-    compile_s = time.perf_counter() - start
-    cost = scan_corrected(compiled_cost(one["compiled"]), compiled_cost(two["compiled"]), cfg.num_moe_layers)
     mem = compiled_cost(full["compiled"])
+    if cost_method == "layer":
+        layer = compiled_cost(layer_future.result()["compiled"])
+        cost = layer_corrected(mem, layer, cfg.num_moe_layers)
+    else:
+        one, two = mem, None
+        if cost_method == "scan":
+            try:
+                two = compiled_cost(_compile_step(cfg.replace(scan_unroll=2), mesh, rules, mode, batch, context)[
+                    "compiled"])
+            except Exception as e:  # two layers' temporaries per iteration can overflow a chip the program fits
+                if hbm_oom_bytes(e) is None:
+                    raise
+                cost_method = "unrolled (two layers per scan iteration did not fit)"
+        if two is None:  # the layers unrolled, 1 and 2 MoE layers: no loop at all, one more compile
+            one, two = (compiled_cost(_compile_step(
+                cfg.replace(num_hidden_layers=cfg.first_k_dense_replace + k, layer_loop="unroll"), mesh, rules, mode,
+                batch, context)["compiled"]) for k in (1, 2))
+        cost = scan_corrected(one, two, cfg.num_moe_layers)
+    compile_s = time.perf_counter() - start
 
     tokens = batch * (1 if mode == "decode" else context)
     ideal = _ideal_bytes(full["params"], full["cache"], cfg, mode, tokens,
@@ -221,7 +242,9 @@ def _abstract(cfg, mesh, rules, mode: str, batch: int, context: int):
             raise ShardingError(f"batch {batch} is not divisible by mesh axis {axis!r} of size {mesh.shape[axis]}"
                                 + (f" (after {list(batch_axes)})" if batch_axes else ""))
     batch_spec, seq_axes = batch_axes or None, seq_axes or None
-    tokens = NamedSharding(mesh, P(batch_spec, None))
+    # Training splits the sequence the same way: otherwise every chip of the expert group would run attention,
+    # the dense layers and the loss over all of the batch's tokens.
+    tokens = NamedSharding(mesh, P(batch_spec, seq_axes if mode == "train" else None))
     cache = None
     if mode != "train":
         shapes = jax.eval_shape(lambda: init_cache(cfg, batch, context, jnp.bfloat16))
@@ -259,13 +282,16 @@ def _compile_step(cfg, mesh, rules, mode: str, batch: int, context: int) -> dict
         # parameter of float32 state, sharded like the parameters).
         train_graphdef, trainable, rest = nnx.split(nnx.merge(graphdef, state), nnx.Param, ...)
 
-        def step(trainable, rest, ids_BS):
+        # Inputs and targets as two arrays of `context` tokens: slicing one array of context + 1 would cut
+        # across the shards of a split sequence.
+        def step(trainable, rest, inputs_BS, targets_BS):
             def loss_fn(trainable):
-                logits = nnx.merge(train_graphdef, trainable, rest)(ids_BS[:, :-1])
-                return cross_entropy(logits, ids_BS[:, 1:], jnp.ones_like(ids_BS[:, 1:], bool))[0]
+                logits = nnx.merge(train_graphdef, trainable, rest)(inputs_BS)
+                return cross_entropy(logits, targets_BS, jnp.ones_like(targets_BS, bool))[0]
             loss, grads = jax.value_and_grad(loss_fn)(trainable)
             return jax.tree.map(lambda p, g: p - (1e-5 * g).astype(p.dtype), trainable, grads), loss
-        args = (trainable, rest, jax.ShapeDtypeStruct((batch, context), jnp.int32, sharding=tokens))
+        ids = jax.ShapeDtypeStruct((batch, context), jnp.int32, sharding=tokens)
+        args = (trainable, rest, ids, ids)
         donate = (0,)
 
     with jax.set_mesh(mesh):
@@ -274,6 +300,49 @@ def _compile_step(cfg, mesh, rules, mode: str, batch: int, context: int) -> dict
     # Pallas kernels lowered for Mosaic (interpreted ones would be plain loops): their names, for the report.
     kernels = sorted(set(re.findall(r'kernel_name = "(\w+)"', lowered.as_text())))
     return {"compiled": compiled, "params": params, "cache": cache, "kernels": kernels}
+
+
+def _compile_moe_layer_grad(cfg, mesh, rules, batch: int, context: int) -> dict:
+    """One MoE decoder layer's share of a training step as a program of its own: its forward under the step's
+    remat policy, and the backward to its weight gradients and input gradient, with the activations split as
+    the step's tokens are. Its cost is one iteration of the step's layer scan without the loop: without the
+    stacked gradient buffer that each iteration of the backward scan updates in place."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from kimi_jax.layers import rope_cos_sin
+    from kimi_jax.model import DecoderLayer
+    from sharding.rules import named_sharding, sequence_axes
+
+    layer = nnx.eval_shape(lambda: DecoderLayer(cfg, nnx.Rngs(0), jnp.bfloat16, moe=True))
+    graphdef, weights, rest = nnx.split(layer, nnx.Param, ...)
+    flat = nnx.to_flat_state(weights)
+    for path, var in flat:
+        value = var.get_value()
+        sharding = named_sharding("moe_layers/" + "/".join(map(str, path)), value.shape, var.axes, mesh, rules)
+        var.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding))
+    weights = nnx.from_flat_state(flat)
+    batch_axes, seq_axes = sequence_axes(mesh.shape, batch, context)
+    x = jax.ShapeDtypeStruct((batch, context, cfg.hidden_size), jnp.bfloat16,
+                             sharding=NamedSharding(mesh, P(batch_axes or None, seq_axes or None, None)))
+
+    def step(weights, rest, x_BTD, dy_BTD):
+        positions_BT = jnp.broadcast_to(jnp.arange(context, dtype=jnp.int32), (batch, context))
+        cos, sin = rope_cos_sin(cfg, positions_BT, x_BTD.dtype)
+
+        def run(weights, x_BTD):
+            return nnx.merge(graphdef, weights, rest)(x_BTD, positions_BT, cos, sin, None, True)[0]
+        if cfg.remat != "none":
+            policy = jax.checkpoint_policies.dots_saveable if cfg.remat == "dots" else None
+            run = jax.checkpoint(run, policy=policy)
+        y_BTD, vjp = jax.vjp(run, weights, x_BTD)
+        return y_BTD, vjp(dy_BTD)  # the output too: the step's forward feeds the next layer, not only the backward
+
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(step).lower(weights, rest, x, x).compile()
+    return {"compiled": compiled}
 
 
 def _ideal_bytes(params, cache, cfg, mode: str, tokens: int, expert_fraction: float) -> float:

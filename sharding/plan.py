@@ -124,6 +124,12 @@ def scan_corrected(cost_one: dict, cost_two: dict, layers: int) -> dict:
     return {k: cost_one[k] + (layers - 1) * (cost_two[k] - cost_one[k]) for k in ("flops", "bytes")}
 
 
+def layer_corrected(cost_program: dict, cost_layer: dict, layers: int) -> dict:
+    """FLOPs and bytes of a program whose `layers` repeated layers run under a scan (its body counted once),
+    from the cost of one layer compiled as a program of its own."""
+    return {k: cost_program[k] + (layers - 1) * cost_layer[k] for k in ("flops", "bytes")}
+
+
 def roofline(flops: float, bytes_: float, chip: Chip) -> float:
     """Seconds per step if the chip ran at its peak FLOP/s or HBM bandwidth, whichever binds."""
     return max(flops / chip.bf16_flops_per_s, bytes_ / chip.hbm_bytes_per_s)

@@ -63,6 +63,20 @@ def test_causal_attention_equals_naive(T, block):
         assert rel(g, r) < 1e-5
 
 
+@pytest.mark.parametrize("platform,blocks", [("cpu", 2), ("tpu", 1)])
+def test_causal_attention_blocks_by_target(monkeypatch, platform, blocks):
+    """512 tokens: two query blocks for a CPU, one for an accelerator (fewer copies of the attention graph to
+    compile; slices of a sequence split over a mesh axis would each become collective permutes)."""
+    import kimi_jax.attention as attention
+
+    monkeypatch.setattr(attention, "target_device", lambda: (platform, "any"))
+    B, T, H, K, L = 1, 512, 2, 8, 16
+    q, latent, w_uk = jnp.ones((B, T, H, K)), jnp.ones((B, T, L)), jnp.ones((H, K, L))
+    jaxpr = jax.make_jaxpr(lambda q: causal_attention(q, q, latent, latent[..., :K], w_uk, w_uk.swapaxes(1, 2),
+                                                      jnp.arange(T)[None], 0.1))(q)
+    assert sum(eqn.primitive.name == "exp" for eqn in jaxpr.jaxpr.eqns) == blocks
+
+
 @pytest.mark.parametrize("loop", ["unroll", "scan"])
 def test_decode_step_by_step_equals_full_forward(loop):
     cfg = preset("tiny", layer_loop=loop)

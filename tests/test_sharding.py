@@ -287,6 +287,27 @@ def test_plan_cost_corrects_the_scan_body(impls):
 
 
 @needs_libtpu
+def test_plan_train_cost_from_one_layer():
+    """A training step's cost as the plan takes it (the step under the layer scan, plus num_moe_layers - 1 times
+    one MoE layer's forward and backward compiled alone) == a fully unrolled compile of the step; the one-layer
+    program keeps the layer's output, as the step's next layer does (without it, FLOPs came out at 0.78x)."""
+    from kimi_jax.cli_plan import _compile_moe_layer_grad, _compile_step
+    from sharding.plan import compiled_cost, layer_corrected, topology_mesh
+    from sharding.rules import TRAIN
+
+    cfg = preset("tiny", num_hidden_layers=5, layer_loop="scan", moe_impl="ep_ragged", moe_capacity_factor=2.0,
+                 remat="full")
+    mesh = topology_mesh("v5p:2x2x1", {"expert": 4})
+    scanned, truth = (compiled_cost(_compile_step(c, mesh, TRAIN, "train", 8, 64)["compiled"])
+                      for c in (cfg, cfg.replace(layer_loop="unroll")))
+    layer = compiled_cost(_compile_moe_layer_grad(cfg, mesh, TRAIN, 8, 64)["compiled"])
+    assert scanned["flops"] < 0.6 * truth["flops"]
+    cost = layer_corrected(scanned, layer, cfg.num_moe_layers)
+    assert cost["flops"] == pytest.approx(truth["flops"], rel=0.01)
+    assert cost["bytes"] == pytest.approx(truth["bytes"], rel=0.03)
+
+
+@needs_libtpu
 @pytest.mark.parametrize("mesh,message", [
     ("expert=8", r"mesh \{'expert': 8\} needs 8 devices, but topology 'v5p:2x2x1' has 4 chips"),
     ("expert=2,tensor=2", r"parameter 'embed' of shape \(275, 64\): dimension 'vocab' \(275\) is not divisible by "
