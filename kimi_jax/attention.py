@@ -56,7 +56,7 @@ def naive_attention(q_nope_BTHK, q_rope_BTHK, latent_BSL, k_rope_BSK, w_uk_HKL, 
 # Query rows per block of causal_attention. CPU: 256 (T=2048: 3.4x the unblocked form). Accelerators: whole
 # sequences up to 4096 tokens, since each block is another copy of the attention graph, and when the sequence is
 # split over a mesh axis each block's slices become collective permutes (full K2.6 train plan on v5p-256, T=2048:
-# 1784 fusions and 218 s of TPU compile with blocks of 256, 671 and ~100 s with one block).
+# 1784 fusions and 218 s of TPU compile with blocks of 256, 671 and 114-120 s with one block).
 CAUSAL_QUERY_BLOCK = {"cpu": 256, "accelerator": 4096}
 
 
