@@ -31,9 +31,10 @@ def test_absorbed_attention_equals_naive(lengths, T):
     # each query sees its sequence's cache up to a ragged length
     last = jnp.asarray(lengths)[:, None] - 1 + jnp.arange(T)[None, :] * 0
     valid = jnp.arange(S)[None, None, :] <= last[:, :, None]
-    a = absorbed_attention(q_nope, q_rope, latent, k_rope, w_uk, w_uv, valid, 0.17)
-    n = naive_attention(q_nope, q_rope, latent, k_rope, w_uk, w_uv, valid, 0.17)
+    a, a_max = absorbed_attention(q_nope, q_rope, latent, k_rope, w_uk, w_uv, valid, 0.17, return_max_logit=True)
+    n, n_max = naive_attention(q_nope, q_rope, latent, k_rope, w_uk, w_uv, valid, 0.17, return_max_logit=True)
     assert rel(a, n) < 1e-5
+    assert rel(a_max, n_max) < 1e-5
 
 
 @pytest.mark.parametrize("T,block", [(37, 8), (16, 16), (5, 256)])

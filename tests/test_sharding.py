@@ -157,6 +157,39 @@ def test_sharded_forward_and_generate_equal_single_device(shape, tiny_expected):
         assert generate(sharded, prompts, max_new_tokens=4).tokens == expected_tokens
 
 
+def test_split_sequence_forward_and_gradients_equal_single_device(tiny_expected):
+    """Batch 2 of 16 tokens on 8 devices: the sequence splits over "expert", so cacheless attention takes the
+    absorbed form (attention._sequence_split); logits, QK-Clip's max logits and weight gradients == the single
+    device's naive causal form."""
+    from kimi_jax.attention import _sequence_split
+
+    ep = tiny_expected[0]
+    ids_BT = jax.random.randint(jax.random.key(7), (2, 16), 0, ep.cfg.vocab_size)
+    single = nnx.merge(nnx.split(KimiForCausalLM(ep.cfg.replace(moe_impl="xla"), rngs=nnx.Rngs(5)))[0],
+                       nnx.state(ep))
+    mesh = make_mesh({"expert": 8})
+    sharded, ids = place(ep, mesh), jax.device_put(ids_BT, NamedSharding(mesh, P(None, "expert")))
+
+    def loss_and_stats(model, ids):
+        out = model.forward(ids)
+        return jnp.mean(out.logits_BTV.astype(jnp.float32) ** 2), (out.logits_BTV, out.max_logit_H)
+
+    def run(model, ids):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        grad_fn = jax.grad(lambda p: loss_and_stats(nnx.merge(graphdef, p, rest), ids), has_aux=True)
+        return jax.jit(grad_fn)(params)
+
+    grads, (logits, max_logits) = run(single, ids_BT)
+    with jax.set_mesh(mesh):
+        assert _sequence_split(2, 16)
+        sharded_grads, (sharded_logits, sharded_max) = run(sharded, ids)
+    assert rel(sharded_logits, logits) < 1e-5
+    for a, b in zip(sharded_max, max_logits):
+        assert rel(a, b) < 1e-5
+    for (path, a), (_, b) in zip(nnx.to_flat_state(sharded_grads), nnx.to_flat_state(grads)):
+        assert rel(a.get_value(), b.get_value()) < 1e-4, path
+
+
 @pytest.mark.parametrize("loop", ["unroll", "scan"])
 def test_sharded_pallas_kernels_equal_single_device_xla(loop):
     """attention_impl="pallas" and moe_impl="ep_pallas" on a data=2 x expert=2 x tensor=2 mesh (kernels
