@@ -244,13 +244,14 @@ class MLA(nnx.Module):
                  layer=None):
         """Returns (output [B,T,D], updated cache or None, max logit per head [H] or None).
 
-        No cache: causal attention among the T tokens (naive form). With a cache (latent_BSL, rope_BSK), this
-        step's rows are written at their positions first; then `attend_cache` attends over the whole cache in
-        the absorbed form (decode, chunked prefill), otherwise the naive form runs over the T tokens alone
-        (a prefill into an empty cache, where expanded K/V cost fewer FLOPs). With `page_table_BP` the cache
-        is paged, (latent_NGL, rope_NGK) over N pages of G rows, and each sequence's pages are gathered into
-        a contiguous [B, P*G, .] view to attend over. `layer`: the cache arrays are the whole [layers, ...]
-        stacks of a scanned LayerStack and this layer's rows are written and read in place."""
+        No cache: causal attention among the T tokens (naive form; absorbed where the mesh splits the
+        sequence). With a cache (latent_BSL, rope_BSK), this step's rows are written at their positions first;
+        then `attend_cache` attends over the whole cache in the absorbed form (decode, chunked prefill), otherwise
+        the naive form runs over the T tokens alone (a prefill into an empty cache, where expanded K/V cost fewer
+        FLOPs). With `page_table_BP` the cache is paged, (latent_NGL, rope_NGK) over N pages of G rows, and each
+        sequence's pages are gathered into a contiguous [B, P*G, .] view to attend over. `layer`: the cache arrays
+        are the whole [layers, ...] stacks of a scanned LayerStack and this layer's rows are written and read in
+        place."""
         q_nope_BTHK, q_rope_BTHK = self.queries(x_BTD, cos, sin)
         latent_BTL, k_rope_BTK = self.latents(x_BTD, cos, sin)
         scale = self.cfg.softmax_scale
