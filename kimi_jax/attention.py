@@ -47,10 +47,13 @@ def naive_attention(q_nope_BTHK, q_rope_BTHK, latent_BSL, k_rope_BSK, w_uk_HKL, 
                    + jnp.einsum("bthk,bsk->bhts", q_rope_BTHK, k_rope_BSK)) * scale
     probs_BHTS = _softmax_f32(scores_BHTS, valid_BTS[:, None]).astype(v_BSHK.dtype)
     out_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK)
-    if not return_max_logit:
-        return out_BTHK
+    return (out_BTHK, _max_logit(scores_BHTS, valid_BTS)) if return_max_logit else out_BTHK
+
+
+def _max_logit(scores_BHTS, valid_BTS):
+    """Each head's largest valid pre-softmax logit [H] (QK-Clip reads it; no gradient)."""
     masked = jnp.where(valid_BTS[:, None], scores_BHTS.astype(jnp.float32), -jnp.inf)
-    return out_BTHK, jax.lax.stop_gradient(masked.max(axis=(0, 2, 3)))
+    return jax.lax.stop_gradient(masked.max(axis=(0, 2, 3)))
 
 
 # Query rows per block of causal_attention. CPU: 256 (T=2048: 3.4x the unblocked form). Accelerators: whole
@@ -103,10 +106,7 @@ def absorbed_attention(q_nope_BTHK, q_rope_BTHK, latent_BSL, k_rope_BSK, w_uk_HK
     else:
         context_BTHL = jnp.einsum("bhts,bsl->bthl", probs_BHTS, latent_BSL)
     out_BTHK = jnp.einsum("bthl,hlk->bthk", context_BTHL, w_uv_HLK)
-    if not return_max_logit:
-        return out_BTHK
-    masked = jnp.where(valid_BTS[:, None], scores_BHTS.astype(jnp.float32), -jnp.inf)
-    return out_BTHK, jax.lax.stop_gradient(masked.max(axis=(0, 2, 3)))
+    return (out_BTHK, _max_logit(scores_BHTS, valid_BTS)) if return_max_logit else out_BTHK
 
 
 def _sequence_split(batch: int, length: int) -> bool:

@@ -29,6 +29,7 @@ import math
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 from sharding.plan import CHIPS, parse_mesh
 
@@ -142,15 +143,16 @@ def plan(topology: str, mode: str, batch: int, context: int, *, int4: bool = Fal
     rules = TRAIN if train else SERVE
 
     start = time.perf_counter()
-    # The full program gives the memory. Cost: cost_analysis counts a loop body once, so a second compile
-    # with two MoE layers per scan iteration (same partitioning, one more layer counted) differs from it by
-    # one layer; the step is the first plus (num_moe_layers - 1) times the difference (`scan_corrected`).
-    # The one-layer program compiles in a second thread beside the step (TPU codegen leaves part of the 2 cores
-    # idle: full K2.6 training on v5p-256, 111 s side by side, 121 s one after the other).
-    pool = ThreadPoolExecutor(1)
-    layer_future = (pool.submit(_compile_moe_layer_grad, cfg, mesh, rules, batch, context)
-                    if cost_method == "layer" else None)
-    pool.shutdown(wait=False)
+    # The full program gives the memory. Cost: cost_analysis counts a loop body once, so the step's one MoE layer
+    # is made num_moe_layers: by the one-layer program ("layer", `layer_corrected`), or by a second compile with
+    # two MoE layers per scan iteration, or unrolled 1- and 2-layer variants, whose difference is one layer
+    # (`scan_corrected`). The one-layer program compiles in a second thread beside the step (TPU codegen leaves
+    # part of the 2 cores idle: full K2.6 training on v5p-256, 111 s side by side, 121 s one after the other).
+    layer_future = None
+    if cost_method == "layer":
+        pool = ThreadPoolExecutor(1)
+        layer_future = pool.submit(_compile_moe_layer_grad, cfg, mesh, rules, batch, context)
+        pool.shutdown(wait=False)
     try:
         full = _compile_step(cfg, mesh, rules, mode, batch, context)
     except Exception as e:  # XLA refuses a program that cannot fit: that is the answer, not a crash
@@ -210,6 +212,40 @@ def plan(topology: str, mode: str, batch: int, context: int, *, int4: bool = Fal
     }
 
 
+def _sharded_shapes(state, mesh, rules, prefix: str = ""):
+    """`state` (of an nnx.eval_shape module) with every variable as a ShapeDtypeStruct carrying the NamedSharding
+    that `rules` give its logical axes on `mesh`; also [(name, struct)] for the ideal-bytes count."""
+    import jax
+    from flax import nnx
+
+    from sharding.rules import named_sharding
+
+    flat = nnx.to_flat_state(state)
+    shapes = []
+    for path, var in flat:
+        name = prefix + "/".join(map(str, path))
+        value = var.get_value()
+        var.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype,
+                                           sharding=named_sharding(name, value.shape, var.axes, mesh, rules)))
+        shapes.append((name, var.get_value()))
+    return nnx.from_flat_state(flat), shapes
+
+
+def _sequence_layout(mesh, batch: int, context: int):
+    """(batch axes, position axes) of [B, S, ...] arrays, each None when empty. Batch over the axes that do not
+    hold weight shards along the batch (data/fsdp, then expert); the expert axis, when the batch cannot take it,
+    over the positions (sharding.rules.sequence_axes, the rule the attention kernels shard by). An explicit
+    data/fsdp axis must divide the batch."""
+    from sharding.rules import ShardingError, sequence_axes
+
+    batch_axes, seq_axes = sequence_axes(mesh.shape, batch, context)
+    for axis in ("data", "fsdp"):
+        if mesh.shape.get(axis, 1) > 1 and axis not in batch_axes:
+            raise ShardingError(f"batch {batch} is not divisible by mesh axis {axis!r} of size {mesh.shape[axis]}"
+                                + (f" (after {list(batch_axes)})" if batch_axes else ""))
+    return batch_axes or None, seq_axes or None
+
+
 def _abstract(cfg, mesh, rules, mode: str, batch: int, context: int):
     """Abstract parameters (and cache for serving) as ShapeDtypeStructs with their NamedShardings."""
     import jax
@@ -219,29 +255,12 @@ def _abstract(cfg, mesh, rules, mode: str, batch: int, context: int):
 
     from kimi_jax.cache import init_cache
     from kimi_jax.model import KimiForCausalLM
-    from sharding.rules import ShardingError, named_sharding, sequence_axes
 
     model = nnx.eval_shape(lambda: KimiForCausalLM(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
-    flat = nnx.to_flat_state(state)
-    params = []
-    for path, var in flat:
-        name = "/".join(map(str, path))
-        value = var.get_value()
-        sharding = named_sharding(name, value.shape, var.axes, mesh, rules)
-        var.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding))
-        params.append((name, var.get_value()))
-    state = nnx.from_flat_state(flat)
+    state, params = _sharded_shapes(state, mesh, rules)
 
-    # Batch over the axes that do not hold weight shards along the batch (data/fsdp, then expert); the expert
-    # axis, when the batch cannot take it, over the cache positions (sharding.rules.sequence_axes, the rule
-    # the attention kernels shard by). An explicit data/fsdp axis must divide the batch.
-    batch_axes, seq_axes = sequence_axes(mesh.shape, batch, context)
-    for axis in ("data", "fsdp"):
-        if mesh.shape.get(axis, 1) > 1 and axis not in batch_axes:
-            raise ShardingError(f"batch {batch} is not divisible by mesh axis {axis!r} of size {mesh.shape[axis]}"
-                                + (f" (after {list(batch_axes)})" if batch_axes else ""))
-    batch_spec, seq_axes = batch_axes or None, seq_axes or None
+    batch_spec, seq_axes = _sequence_layout(mesh, batch, context)
     # Training splits the sequence the same way: otherwise every chip of the expert group would run attention,
     # the dense layers and the loss over all of the batch's tokens.
     tokens = NamedSharding(mesh, P(batch_spec, seq_axes if mode == "train" else None))
@@ -313,30 +332,21 @@ def _compile_moe_layer_grad(cfg, mesh, rules, batch: int, context: int) -> dict:
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from kimi_jax.layers import rope_cos_sin
-    from kimi_jax.model import DecoderLayer
-    from sharding.rules import named_sharding, sequence_axes
+    from kimi_jax.model import DecoderLayer, with_remat
 
     layer = nnx.eval_shape(lambda: DecoderLayer(cfg, nnx.Rngs(0), jnp.bfloat16, moe=True))
     graphdef, weights, rest = nnx.split(layer, nnx.Param, ...)
-    flat = nnx.to_flat_state(weights)
-    for path, var in flat:
-        value = var.get_value()
-        sharding = named_sharding("moe_layers/" + "/".join(map(str, path)), value.shape, var.axes, mesh, rules)
-        var.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding))
-    weights = nnx.from_flat_state(flat)
-    batch_axes, seq_axes = sequence_axes(mesh.shape, batch, context)
+    weights, _ = _sharded_shapes(weights, mesh, rules, prefix="moe_layers/")
     x = jax.ShapeDtypeStruct((batch, context, cfg.hidden_size), jnp.bfloat16,
-                             sharding=NamedSharding(mesh, P(batch_axes or None, seq_axes or None, None)))
+                             sharding=NamedSharding(mesh, P(*_sequence_layout(mesh, batch, context), None)))
 
     def step(weights, rest, x_BTD, dy_BTD):
         positions_BT = jnp.broadcast_to(jnp.arange(context, dtype=jnp.int32), (batch, context))
         cos, sin = rope_cos_sin(cfg, positions_BT, x_BTD.dtype)
 
+        @partial(with_remat, remat=cfg.remat)
         def run(weights, x_BTD):
             return nnx.merge(graphdef, weights, rest)(x_BTD, positions_BT, cos, sin, None, True)[0]
-        if cfg.remat != "none":
-            policy = jax.checkpoint_policies.dots_saveable if cfg.remat == "dots" else None
-            run = jax.checkpoint(run, policy=policy)
         y_BTD, vjp = jax.vjp(run, weights, x_BTD)
         return y_BTD, vjp(dy_BTD)  # the output too: the step's forward feeds the next layer, not only the backward
 

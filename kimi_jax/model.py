@@ -55,6 +55,14 @@ class DecoderLayer(nnx.Module):
         return x_BTD + self.mlp(h_BTD), cache, stats
 
 
+def with_remat(fn, remat: str):
+    """`fn` under KimiConfig.remat: "none" as is, "full" recomputed in the backward pass, "dots" keeping the
+    results of its matmuls."""
+    if remat == "none":
+        return fn
+    return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_saveable if remat == "dots" else None)
+
+
 class LayerStack(nnx.Module):
     """`num_layers` identical decoder layers, every weight stacked on a leading "layers" axis."""
 
@@ -88,9 +96,7 @@ class LayerStack(nnx.Module):
             return nnx.merge(graphdef, whole, layer_state)(x_BTD, positions_BT, cos, sin, layer_cache,
                                                            attend_cache, page_table_BP, layer=layer)
 
-        if self.remat != "none":
-            policy = jax.checkpoint_policies.dots_saveable if self.remat == "dots" else None
-            run_layer = jax.checkpoint(run_layer, policy=policy)
+        run_layer = with_remat(run_layer, self.remat)
 
         if self.loop == "scan":
             # The scan slices each layer's weights out of the stacks, except what a Pallas kernel reads: the
