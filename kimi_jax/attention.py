@@ -94,7 +94,7 @@ def absorbed_attention(q_nope_BTHK, q_rope_BTHK, latent_BSL, k_rope_BSK, w_uk_HK
                        return_max_logit=False):
     """Weight-absorbed MLA: fold w_uk into the query and w_uv after the weighted sum, so attention runs over
     the latent rows themselves. Equal to `naive_attention` up to summation order (`return_max_logit` as there)."""
-    q_latent_BTHL = jnp.einsum("bthk,hkl->bthl", q_nope_BTHK, w_uk_HKL)
+    q_latent_BTHL = _per_head_matmul(q_nope_BTHK, w_uk_HKL)
     scores_BHTS = (jnp.einsum("bthl,bsl->bhts", q_latent_BTHL, latent_BSL)
                    + jnp.einsum("bthk,bsk->bhts", q_rope_BTHK, k_rope_BSK)) * scale
     probs_BHTS = _softmax_f32(scores_BHTS, valid_BTS[:, None]).astype(latent_BSL.dtype)
@@ -105,8 +105,17 @@ def absorbed_attention(q_nope_BTHK, q_rope_BTHK, latent_BSL, k_rope_BSK, w_uk_HK
         context_BTHL = jnp.sum(probs_BHTS[:, :, 0, :, None] * latent_BSL[:, None], axis=2)[:, None]
     else:
         context_BTHL = jnp.einsum("bhts,bsl->bthl", probs_BHTS, latent_BSL)
-    out_BTHK = jnp.einsum("bthl,hlk->bthk", context_BTHL, w_uv_HLK)
+    out_BTHK = _per_head_matmul(context_BTHL, w_uv_HLK)
     return (out_BTHK, _max_logit(scores_BHTS, valid_BTS)) if return_max_logit else out_BTHK
+
+
+def _per_head_matmul(x_BTHI, w_HIO):
+    """Each head's rows times that head's matrix: [B, T, H, I] x [H, I, O] -> [B, T, H, O]. On CPU the product
+    is asked for heads first, then transposed: XLA:CPU's dot with the heads as its batch dimension and the
+    tokens minor ran at 1.3-3 GB/s (bench-mini decode, 4 sequences: 1.5 ms for w_uk's 2 MB, 0.3 ms this way)."""
+    if target_device()[0] != "cpu":
+        return jnp.einsum("bthi,hio->btho", x_BTHI, w_HIO)
+    return jnp.einsum("bthi,hio->hbto", x_BTHI, w_HIO).transpose(1, 2, 0, 3)
 
 
 def _sequence_split(batch: int, length: int) -> bool:
