@@ -32,6 +32,11 @@ from sharding.rules import BATCH_AXES, sequence_axes
 INNER_NORM_EPS = 1e-6
 
 
+def _compiling_for_cpu() -> bool:
+    """Whether the program being traced runs on XLA:CPU (not an accelerator, nor a deviceless pod plan)."""
+    return target_device()[0] == "cpu"
+
+
 def _softmax_f32(scores, valid):
     scores = jnp.where(valid, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
     return jax.nn.softmax(scores, axis=-1)
@@ -73,7 +78,7 @@ def causal_attention(q_nope_BTHK, q_rope_BTHK, latent_BTL, k_rope_BTK, w_uk_HKL,
     [H])."""
     T = q_nope_BTHK.shape[1]
     if block is None:
-        block = CAUSAL_QUERY_BLOCK["cpu" if target_device()[0] == "cpu" else "accelerator"]
+        block = CAUSAL_QUERY_BLOCK["cpu" if _compiling_for_cpu() else "accelerator"]
     k_nope_BHSK = jnp.einsum("bsl,hkl->bhsk", latent_BTL, w_uk_HKL)
     v_BHSK = jnp.einsum("bsl,hlk->bhsk", latent_BTL, w_uv_HLK)
     q_nope_BHTK, q_rope_BHTK = q_nope_BTHK.transpose(0, 2, 1, 3), q_rope_BTHK.transpose(0, 2, 1, 3)
@@ -98,7 +103,7 @@ def absorbed_attention(q_nope_BTHK, q_rope_BTHK, latent_BSL, k_rope_BSK, w_uk_HK
     scores_BHTS = (jnp.einsum("bthl,bsl->bhts", q_latent_BTHL, latent_BSL)
                    + jnp.einsum("bthk,bsk->bhts", q_rope_BTHK, k_rope_BSK)) * scale
     probs_BHTS = _softmax_f32(scores_BHTS, valid_BTS[:, None]).astype(latent_BSL.dtype)
-    if probs_BHTS.shape[2] == 1 and target_device()[0] == "cpu":
+    if probs_BHTS.shape[2] == 1 and _compiling_for_cpu():
         # One query (decode) on CPU: a multiply-reduce over the rows. As a dot, XLA:CPU first transposes the
         # whole latent cache (its dot kernels want the contracted dimension minor), which cost more than the dot.
         # Accelerators (and deviceless pod plans) keep the dot for their matrix units.
@@ -113,9 +118,9 @@ def _per_head_matmul(x_BTHI, w_HIO):
     """Each head's rows times that head's matrix: [B, T, H, I] x [H, I, O] -> [B, T, H, O]. On CPU the product
     is asked for heads first, then transposed: XLA:CPU's dot with the heads as its batch dimension and the
     tokens minor ran at 1.3-3 GB/s (bench-mini decode, 4 sequences: 1.5 ms for w_uk's 2 MB, 0.3 ms this way)."""
-    if target_device()[0] != "cpu":
-        return jnp.einsum("bthi,hio->btho", x_BTHI, w_HIO)
-    return jnp.einsum("bthi,hio->hbto", x_BTHI, w_HIO).transpose(1, 2, 0, 3)
+    if _compiling_for_cpu():
+        return jnp.einsum("bthi,hio->hbto", x_BTHI, w_HIO).transpose(1, 2, 0, 3)
+    return jnp.einsum("bthi,hio->btho", x_BTHI, w_HIO)
 
 
 def _sequence_split(batch: int, length: int) -> bool:

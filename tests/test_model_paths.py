@@ -37,6 +37,19 @@ def test_absorbed_attention_equals_naive(lengths, T):
     assert rel(a_max, n_max) < 1e-5
 
 
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+def test_per_head_matmul_equals_a_loop_over_heads(monkeypatch, platform):
+    """Both forms of the absorbed attention's per-head product (heads first on CPU, the plain einsum for
+    accelerators) == each head's rows times that head's matrix, with several sequences and tokens."""
+    import kimi_jax.attention as attention
+
+    monkeypatch.setattr(attention, "target_device", lambda: (platform, "any"))
+    x_BTHI = jax.random.normal(jax.random.key(0), (3, 2, 4, 16))
+    w_HIO = jax.random.normal(jax.random.key(1), (4, 16, 8))
+    want = jnp.stack([x_BTHI[:, :, h] @ w_HIO[h] for h in range(4)], axis=2)
+    assert rel(attention._per_head_matmul(x_BTHI, w_HIO), want) < 1e-5
+
+
 @pytest.mark.parametrize("T,block", [(37, 8), (16, 16), (5, 256)])
 def test_causal_attention_equals_naive(T, block):
     """The query-blocked causal path == the reference with the positions mask: outputs, per-head max logits
