@@ -147,11 +147,12 @@ def test_chunked_prefill_over_cache_equals_full_forward():
     assert rel(jnp.concatenate([first, second], 1), full) < 1e-5
 
 
-@pytest.mark.parametrize("views", [False, True])
+@pytest.mark.parametrize("views", ["stacked", "views", "out-major views"])
 @pytest.mark.parametrize("N,E,X,block", [(1, 8, 2, None), (5, 16, 3, None), (64, 8, 2, None), (37, 12, 4, 4),
                                          (9, 64, 8, 1)])
 def test_grouped_experts_equal_reference(N, E, X, block, views):
-    """Stacked expert weights, and the per-expert views of kimi_jax.views (chosen by lax.switch)."""
+    """Stacked expert weights, and the per-expert views of kimi_jax.views (chosen by lax.switch), also with
+    gate/up held as their F rows of D (as split_layer_views gives them on CPU)."""
     D, F = 16, 24
     ks = jax.random.split(jax.random.key(N * E), 6)
     x = jax.random.normal(ks[0], (N, D))
@@ -161,7 +162,9 @@ def test_grouped_experts_equal_reference(N, E, X, block, views):
     weights = jax.random.uniform(ks[2], (N, X), minval=0.1)
     wg, wu = jax.random.normal(ks[3], (2, E, D, F)) * 0.3
     wd = jax.random.normal(ks[4], (E, F, D)) * 0.3
-    stacks = [StackViews(list(w)) for w in (wg, wu, wd)] if views else [wg, wu, wd]
+    stacks = {"stacked": [wg, wu, wd], "views": [StackViews(list(w)) for w in (wg, wu, wd)],
+              "out-major views": [StackViews([m.T for m in wg], True), StackViews([m.T for m in wu], True),
+                                  StackViews(list(wd))]}[views]
     got = jax.jit(experts_grouped, static_argnames="block")(x, weights, experts, *stacks, block=block)
     assert rel(got, experts_reference(x, weights, experts, wg, wu, wd)) < 1e-5
 
@@ -171,14 +174,18 @@ def test_layer_views_alias_the_stacks_and_equal_the_model():
     and forward / cached decode through them equal the model's own."""
     cfg = preset("tiny")
     model = randomize(KimiForCausalLM(cfg, rngs=nnx.Rngs(3)))
+    before = nnx.split(model)[1]
     graphdef, state = split_layer_views(model)
-    stack = model.moe_layers.layers.mlp.w_gate[...]
-    views = state["moe_layers"]["layers"]["mlp"]["w_gate"].get_value()
-    L, E = stack.shape[:2]
-    assert (views.shape, views[0].shape) == (stack.shape, stack.shape[1:])
-    for i, e in [(0, 0), (L - 1, E - 1)]:
-        offset = views[i][e].unsafe_buffer_pointer() - stack.unsafe_buffer_pointer()
-        assert offset == (i * E + e) * stack[0, 0].nbytes
+    for name, out_major in [("w_gate", True), ("w_down", False)]:
+        stack = getattr(model.moe_layers.layers.mlp, name)[...]
+        views = state["moe_layers"]["layers"]["mlp"][name].get_value()
+        L, E = stack.shape[:2]
+        assert (views.shape, views[0].shape, views[0].transposed) == (stack.shape, stack.shape[1:], out_major)
+        for i, e in [(0, 0), (L - 1, E - 1)]:
+            part = views.parts[i].parts[e]  # gate/up: the matrix's F rows of D, in the stack's memory order
+            assert part.shape == (stack.shape[:1:-1] if out_major else stack.shape[2:])
+            assert part.unsafe_buffer_pointer() - stack.unsafe_buffer_pointer() == (i * E + e) * part.nbytes
+            assert np.array_equal(views[i][e], before["moe_layers"]["layers"]["mlp"][name][...][i, e])
     ids = jax.random.randint(jax.random.key(0), (2, 40), 0, cfg.vocab_size)
 
     def prefill_then_step(state, ids):
