@@ -249,3 +249,23 @@ def test_bad_mesh_names_the_parameter():
     mesh = make_mesh({"expert": 8})
     with pytest.raises(ShardingError, match=r"'moe/w_gate'.*\(6, 4, 4\).*'expert' of size 8"):
         named_sharding("moe/w_gate", (6, 4, 4), ("experts", "embed", "expert_mlp"), mesh, SERVE)
+
+
+def test_out_major_experts_leave_the_model_as_it_was():
+    """split_layer_views moves the routed gate/up stacks into another memory order (kimi_jax.views); the model's
+    values, forward and gradients stay those of a model that was never split."""
+    cfg = preset("tiny")
+    model, twin = (randomize(KimiForCausalLM(cfg, rngs=nnx.Rngs(3))) for _ in range(2))
+    split_layer_views(model)
+    assert model.moe_layers.layers.mlp.w_gate[...].format.layout.major_to_minor == (0, 1, 3, 2)
+    ids = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
+
+    def loss(m, ids):
+        return jnp.mean(m(ids) ** 2)
+
+    (got_loss, got), (want_loss, want) = (nnx.jit(nnx.value_and_grad(loss))(m, ids) for m in (model, twin))
+    assert got_loss == want_loss
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert rel(g, w) < 1e-6
+    leaves = [jax.tree.leaves(nnx.state(m)) for m in (model, twin)]
+    assert all(np.array_equal(a, b) for a, b in zip(*leaves))
