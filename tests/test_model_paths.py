@@ -114,11 +114,16 @@ def test_decode_step_by_step_equals_full_forward(loop):
     assert rel(jnp.concatenate(pieces, axis=1), full) < 1e-5
 
 
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
 @pytest.mark.parametrize("layer", [None, 1])
-def test_one_row_cache_write_equals_the_scatter(layer):
-    """Decode's per-sequence dynamic_update_slice cache write (caches split by position) against the scatter it
-    replaces, several sequences, on one layer of a stack and on a plain cache; position S is past this device's
-    rows and must leave the cache as it was."""
+def test_one_row_cache_write_equals_the_scatter(monkeypatch, layer, platform):
+    """Decode's per-sequence dynamic_update_slice cache write (caches split by position; on CPU also batch 1)
+    in both forms (under lax.cond on CPU, a select for accelerators) against the scatter it replaces, several
+    sequences, on one layer of a stack and on a plain cache, jitted; position S is past this device's rows and
+    must leave the cache as it was."""
+    import kimi_jax.attention as attention
+
+    monkeypatch.setattr(attention, "target_device", lambda: (platform, "any"))
     B, S, C = 4, 8, 6
     rng = np.random.default_rng(3)
     shape = (B, S, C) if layer is None else (3, B, S, C)
@@ -127,7 +132,8 @@ def test_one_row_cache_write_equals_the_scatter(layer):
     positions_B = jnp.asarray([0, 5, S, S - 1], jnp.int32)
     at = (jnp.arange(B), positions_B) if layer is None else (layer, jnp.arange(B), positions_B)
     want = cache.at[at].set(new_BTC[:, 0], mode="drop")
-    got = _write_one_row_each(cache, new_BTC, positions_B, None if layer is None else jnp.int32(layer))
+    write = jax.jit(lambda c, n, p, i: _write_one_row_each(c, n, p, None if layer is None else i))
+    got = write(cache, new_BTC, positions_B, jnp.int32(layer or 0))
     assert not np.array_equal(want, cache)  # rows were written
     np.testing.assert_array_equal(got, want)
 
