@@ -353,10 +353,11 @@ def _write_one_row_each(cache_BSC, new_BTC, positions_B, layer):
     S, C = cache_BSC.shape[-2:]
     lead = () if layer is None else (layer,)
     size = (*(1,) * len(lead), 1, 1, C)
+    on_cpu = _compiling_for_cpu()
     for b in range(positions_B.shape[0]):
         start = (*lead, b, jnp.minimum(positions_B[b], S - 1), 0)
         row = new_BTC[b, 0].reshape(size).astype(cache_BSC.dtype)
-        if _compiling_for_cpu():
+        if on_cpu:
             cache_BSC = jax.lax.cond(positions_B[b] < S, partial(jax.lax.dynamic_update_slice, update=row,
                                                                  start_indices=start), lambda c: c, cache_BSC)
         else:

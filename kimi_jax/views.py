@@ -95,28 +95,15 @@ def _views(w: jax.Array, depth: int) -> StackViews:
     return nest(parts, lead)
 
 
-def _store_experts_out_major(model) -> None:
-    """Moves the model's routed gate/up stacks on one CPU device into the out-major layout, once (same values)."""
-    for stack in model.stacks().values():
-        mlp = stack.layers.mlp
-        for name in OUT_MAJOR_EXPERT_WEIGHTS:
-            variable = getattr(mlp, name, None)
-            w = variable.get_value() if isinstance(variable, nnx.Param) else None
-            if _on_one_cpu(w) and w.ndim == 4 and not _is_out_major(w):
-                variable.set_value(jax.device_put(w, Format(_out_major_layout(w.ndim), w.sharding)))
-
-
 def split_layer_views(model) -> tuple[nnx.GraphDef, nnx.State]:
     """`nnx.split(model)`, with every stacked layer weight as per-layer views when the layer loop is unrolled,
     and the routed experts of the default MoE path (moe_impl="xla", dense weights) also as per-expert views
     (their gate/up stacks moved out major first, see above). Arrays that are not on one CPU device
     (accelerators, meshes) stay as nnx.split gives them."""
+    graphdef, state = nnx.split(model)
     cfg = model.cfg
     if cfg.layer_loop != "unroll":
-        return nnx.split(model)
-    if cfg.moe_impl == "xla":
-        _store_experts_out_major(model)
-    graphdef, state = nnx.split(model)
+        return graphdef, state
     for name in model.stacks():
         flat = []
         for path, variable in nnx.to_flat_state(state[f"{name}_layers"]["layers"]):
@@ -124,6 +111,10 @@ def split_layer_views(model) -> tuple[nnx.GraphDef, nnx.State]:
             if _on_one_cpu(w):
                 expert_stack = (path[0] == "mlp" and path[-1] in ROUTED_EXPERT_WEIGHTS and w.ndim == 4
                                 and cfg.moe_impl == "xla")
+                if expert_stack and path[-1] in OUT_MAJOR_EXPERT_WEIGHTS and not _is_out_major(w):
+                    # nnx.split's variables are the model's own, so the model keeps the new order (moved once)
+                    w = jax.device_put(w, Format(_out_major_layout(w.ndim), w.sharding))
+                    variable.set_value(w)
                 variable = variable.replace(_views(w, 2 if expert_stack else 1))
             flat.append((path, variable))
         state[f"{name}_layers"]["layers"] = nnx.from_flat_state(flat)
