@@ -48,10 +48,20 @@ class GenerationResult:
         return max(self.new_tokens - len(self.tokens), 0) / self.decode_s if self.decode_s > 0 else float("nan")
 
 
+def greedy(logits_BV):
+    """jnp.argmax over the vocabulary (the first best id; the first NaN where there is one) as two plain
+    reductions: XLA:CPU's fused argmax (one reduction over value-index pairs) took 0.15 ms for a row of 32000
+    logits and 1.2 ms for 8 rows (bench-mini decode, jax.profiler), this form a third to a half of that."""
+    V = logits_BV.shape[-1]
+    best_B1 = logits_BV.max(axis=-1, keepdims=True)  # NaN if the row has one
+    hit_BV = (logits_BV == best_B1) | jnp.isnan(logits_BV)
+    return jnp.min(jnp.where(hit_BV, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+
+
 def sample(logits_BV, key, params: SamplingParams):
     """Next tokens [B] from logits, one set of sampling parameters for the whole batch."""
     if params.temperature <= 0:
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        return greedy(logits_BV)
     B = logits_BV.shape[0]
     full = lambda value, dtype: jnp.full((B,), value, dtype)  # noqa: E731
     return sample_rows(logits_BV, jax.random.split(key, B), full(params.temperature, jnp.float32),
@@ -62,7 +72,7 @@ def sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B):
     """Next tokens [B] with sampling parameters per row (a serving batch mixes requests): temperature 0 is
     greedy, top_k 0 and top_p 1 cut nothing. The sort that the cuts need runs only if some row samples."""
     logits_BV = logits_BV.astype(jnp.float32)
-    greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    greedy_B = greedy(logits_BV)
 
     def sampled():
         V = logits_BV.shape[-1]

@@ -11,12 +11,15 @@ matrices (21 of 56 ms) until layers came as views; choosing an expert among per-
 time, a switch branch per expert per MoE layer: bench-mini's decode program compiles in 17 s instead of 7, a
 384-expert model's in 33 s instead of 4.
 
-A routed expert's gate and up matrices [D, F] have their narrow side out, and XLA:CPU multiplies a vector by
-such a matrix at ~10 GB/s in its row-major layout but at ~16 GB/s when the matrix is stored as F rows of D
-(bench-mini's [1024, 256], one core, cold). So on CPU those two stacks are kept in that memory order (an XLA
-layout: the same values and shapes, the last two axes swapped in memory), and their views are the F x D rows,
-transposed back inside the jitted code where the transpose is free. Decode step, bench-mini: batch 1
-19.5 -> 18.4 ms, a group of 4 sequences 43.7 -> 38.1 ms; prefill unchanged.
+A routed expert's matrices are kept on CPU as their rows of outputs ("out major": an XLA layout, the same values
+and shapes with the last two axes swapped in memory), and their views are those rows, transposed back inside the
+jitted code where the transpose is free. A vector times a matrix stored so is a loop fusion that XLA:CPU splits
+over two threads; its matrix-vector kernel for the row-major order runs on one. bench-mini, float32: gate and up
+[1024, 256] ~10 GB/s row-major against ~16 GB/s out major (one matrix at a time, cold), a decode step at batch 1
+19.5 -> 18.4 ms and a group of 4 sequences 43.7 -> 38.1 ms; the down matrices [256, 1024] moved too later: the
+second thread goes to sleep during a single-threaded product and takes ~20 us to wake for the next split one, so
+with all three products split it stays awake through a layer's tiles (jax.profiler: 130-137 -> 100-104 us a tile,
+one process alternating: batch 1 15.1 -> 14.9 ms a step, batch 8 52.4 -> 50.4 ms). Prefill is unchanged.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from flax import nnx
 from jax.experimental.layout import Format, Layout
 
 ROUTED_EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
-OUT_MAJOR_EXPERT_WEIGHTS = ("w_gate", "w_up")  # stored as F rows of D on CPU (see above)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -98,7 +100,7 @@ def _views(w: jax.Array, depth: int) -> StackViews:
 def split_layer_views(model) -> tuple[nnx.GraphDef, nnx.State]:
     """`nnx.split(model)`, with every stacked layer weight as per-layer views when the layer loop is unrolled,
     and the routed experts of the default MoE path (moe_impl="xla", dense weights) also as per-expert views
-    (their gate/up stacks moved out major first, see above). Arrays that are not on one CPU device
+    (their stacks moved out major first, see above). Arrays that are not on one CPU device
     (accelerators, meshes) stay as nnx.split gives them."""
     graphdef, state = nnx.split(model)
     cfg = model.cfg
@@ -111,7 +113,7 @@ def split_layer_views(model) -> tuple[nnx.GraphDef, nnx.State]:
             if _on_one_cpu(w):
                 expert_stack = (path[0] == "mlp" and path[-1] in ROUTED_EXPERT_WEIGHTS and w.ndim == 4
                                 and cfg.moe_impl == "xla")
-                if expert_stack and path[-1] in OUT_MAJOR_EXPERT_WEIGHTS and not _is_out_major(w):
+                if expert_stack and not _is_out_major(w):
                     # nnx.split's variables are the model's own, so the model keeps the new order (moved once)
                     w = jax.device_put(w, Format(_out_major_layout(w.ndim), w.sharding))
                     variable.set_value(w)

@@ -10,6 +10,7 @@ from flax import nnx
 from kimi_jax import KimiForCausalLM, preset
 from kimi_jax.attention import _write_one_row_each, absorbed_attention, causal_attention, naive_attention
 from kimi_jax.cache import init_cache
+from kimi_jax.generate import greedy
 from kimi_jax.moe import experts_grouped, experts_reference, route
 from kimi_jax.views import StackViews, split_layer_views
 from sharding import make_mesh
@@ -158,7 +159,7 @@ def test_chunked_prefill_over_cache_equals_full_forward():
                                          (9, 64, 8, 1)])
 def test_grouped_experts_equal_reference(N, E, X, block, views):
     """Stacked expert weights, and the per-expert views of kimi_jax.views (chosen by lax.switch), also with
-    gate/up held as their F rows of D (as split_layer_views gives them on CPU)."""
+    each matrix held as its rows of outputs (as split_layer_views gives them on CPU)."""
     D, F = 16, 24
     ks = jax.random.split(jax.random.key(N * E), 6)
     x = jax.random.normal(ks[0], (N, D))
@@ -169,8 +170,7 @@ def test_grouped_experts_equal_reference(N, E, X, block, views):
     wg, wu = jax.random.normal(ks[3], (2, E, D, F)) * 0.3
     wd = jax.random.normal(ks[4], (E, F, D)) * 0.3
     stacks = {"stacked": [wg, wu, wd], "views": [StackViews(list(w)) for w in (wg, wu, wd)],
-              "out-major views": [StackViews([m.T for m in wg], True), StackViews([m.T for m in wu], True),
-                                  StackViews(list(wd))]}[views]
+              "out-major views": [StackViews([m.T for m in w], True) for w in (wg, wu, wd)]}[views]
     got = jax.jit(experts_grouped, static_argnames="block")(x, weights, experts, *stacks, block=block)
     assert rel(got, experts_reference(x, weights, experts, wg, wu, wd)) < 1e-5
 
@@ -182,14 +182,14 @@ def test_layer_views_alias_the_stacks_and_equal_the_model():
     model = randomize(KimiForCausalLM(cfg, rngs=nnx.Rngs(3)))
     before = nnx.split(model)[1]
     graphdef, state = split_layer_views(model)
-    for name, out_major in [("w_gate", True), ("w_down", False)]:
+    for name in ("w_gate", "w_down"):
         stack = getattr(model.moe_layers.layers.mlp, name)[...]
         views = state["moe_layers"]["layers"]["mlp"][name].get_value()
         L, E = stack.shape[:2]
-        assert (views.shape, views[0].shape, views[0].transposed) == (stack.shape, stack.shape[1:], out_major)
+        assert (views.shape, views[0].shape, views[0].transposed) == (stack.shape, stack.shape[1:], True)
         for i, e in [(0, 0), (L - 1, E - 1)]:
-            part = views.parts[i].parts[e]  # gate/up: the matrix's F rows of D, in the stack's memory order
-            assert part.shape == (stack.shape[:1:-1] if out_major else stack.shape[2:])
+            part = views.parts[i].parts[e]  # the matrix's rows of outputs, in the stack's memory order
+            assert part.shape == stack.shape[:1:-1]
             assert part.unsafe_buffer_pointer() - stack.unsafe_buffer_pointer() == (i * E + e) * part.nbytes
             assert np.array_equal(views[i][e], before["moe_layers"]["layers"]["mlp"][name][...][i, e])
     ids = jax.random.randint(jax.random.key(0), (2, 40), 0, cfg.vocab_size)
@@ -205,6 +205,19 @@ def test_layer_views_alias_the_stacks_and_equal_the_model():
     want = jax.jit(prefill_then_step)(nnx.split(model)[1], ids)
     for g, w in zip(got, want):
         assert rel(g, w) < 1e-5
+
+
+def test_greedy_equals_argmax():
+    """generate.greedy (two reductions) picks what jnp.argmax picks: the first of tied best ids, the first NaN."""
+    logits = np.array(jax.random.normal(jax.random.key(0), (6, 300)))
+    logits[1, [17, 250]] = logits[1].max() + 1.0  # a tie: the first wins
+    logits[2, [40, 90]] = np.nan
+    logits[3] = -np.inf
+    logits[4, 299] = np.inf
+    got = jax.jit(greedy)(jnp.asarray(logits))
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(logits), axis=-1)))
+    np.testing.assert_array_equal(got[1:5], [17, 40, 0, 299])
 
 
 def test_router_bias_selects_but_does_not_weight():
@@ -258,12 +271,13 @@ def test_bad_mesh_names_the_parameter():
 
 
 def test_out_major_experts_leave_the_model_as_it_was():
-    """split_layer_views moves the routed gate/up stacks into another memory order (kimi_jax.views); the model's
+    """split_layer_views moves the routed expert stacks into another memory order (kimi_jax.views); the model's
     values, forward and gradients stay those of a model that was never split."""
     cfg = preset("tiny")
     model, twin = (randomize(KimiForCausalLM(cfg, rngs=nnx.Rngs(3))) for _ in range(2))
     split_layer_views(model)
-    assert model.moe_layers.layers.mlp.w_gate[...].format.layout.major_to_minor == (0, 1, 3, 2)
+    for name in ("w_gate", "w_up", "w_down"):
+        assert getattr(model.moe_layers.layers.mlp, name)[...].format.layout.major_to_minor == (0, 1, 3, 2)
     ids = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
 
     def loss(m, ids):
