@@ -14,12 +14,13 @@ time, a switch branch per expert per MoE layer: bench-mini's decode program comp
 A routed expert's matrices are kept on CPU as their rows of outputs ("out major": an XLA layout, the same values
 and shapes with the last two axes swapped in memory), and their views are those rows, transposed back inside the
 jitted code where the transpose is free. A vector times a matrix stored so is a loop fusion that XLA:CPU splits
-over two threads; its matrix-vector kernel for the row-major order runs on one. bench-mini, float32: gate and up
-[1024, 256] ~10 GB/s row-major against ~16 GB/s out major (one matrix at a time, cold), a decode step at batch 1
-19.5 -> 18.4 ms and a group of 4 sequences 43.7 -> 38.1 ms; the down matrices [256, 1024] moved too later: the
-second thread goes to sleep during a single-threaded product and takes ~35-40 us to wake for the next split one, so
-with all three products split it stays awake through a layer's tiles (jax.profiler: 130-137 -> 100-104 us a tile,
-one process alternating: batch 1 15.1 -> 14.9 ms a step, batch 8 52.4 -> 50.4 ms). Prefill is unchanged.
+over two threads; a row-major matrix goes to its matrix-vector kernel, on one. Measured on bench-mini, float32:
+- gate and up [1024, 256]: ~10 GB/s row-major, ~16 GB/s out major (one matrix at a time, cold); decode step at
+  batch 1 19.5 -> 18.4 ms, a group of 4 sequences 43.7 -> 38.1 ms;
+- down [256, 1024], as fast row-major on one thread, but the second thread sleeps through a single-threaded
+  product and takes ~35-40 us to wake for the next split one; with all three split it stays awake through a
+  layer's tiles (jax.profiler: 130-137 -> 100-104 us a tile; batch 1 15.1 -> 14.9 ms a step, batch 8 52.4 ->
+  50.4 ms). Prefill is unchanged.
 """
 
 from __future__ import annotations
