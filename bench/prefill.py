@@ -48,7 +48,9 @@ def run(preset_name="bench-mini", tokens=2048, rounds=3, threads=2, seed=0) -> d
     theirs = DeepseekV3ForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     ids = np.random.default_rng(seed).integers(3, ours.cfg.vocab_size, size=(1, tokens)).astype(np.int32)
     last = np.array([tokens - 1], np.int32)
-    graphdef, state = split_layer_views(ours)  # the weights as generate() hands them to its prefill
+    # The weights as generate() hands them to its prefill when it decodes several rows a step (row-major matrices):
+    # a 2048-token prefill ran ~5% slower with the batch-1 decode order (2.13 against 2.03 s).
+    graphdef, state = split_layer_views(ours)
     forward = jax.jit(lambda state, x, i: nnx.merge(graphdef, state).forward(x, logits_index_B=i).logits_BTV)
     start = time.perf_counter()
     forward(state, ids, last).block_until_ready()

@@ -137,8 +137,9 @@ PROMPT_BUCKET = 32
 def _compiled(name, fn, static, args, donate):
     """AOT-compiles `fn` once per (static config, argument shapes); returns (executable, seconds spent)."""
     # Placement is part of the key: the same shapes on another mesh (or under another ambient mesh, which
-    # expert-parallel MoE traces against) need their own executable.
-    key = (name, static, jax.sharding.get_abstract_mesh(),
+    # expert-parallel MoE traces against) need their own executable. So is the tree: views of a matrix stored
+    # out major or row-major (kimi_jax.views) have the same leaves when it is square.
+    key = (name, static, jax.sharding.get_abstract_mesh(), jax.tree.structure(args),
            tuple((a.shape, a.dtype, getattr(a, "sharding", None)) for a in jax.tree.leaves(args)))
     if key in _COMPILED:
         return _COMPILED[key], 0.0
@@ -205,10 +206,10 @@ def generate(model: KimiForCausalLM, prompts: Sequence[Sequence[int] | str], max
     if any(not 0 <= t < vocab for p in prompts for t in p):
         raise ValueError(f"prompt token ids must lie in [0, vocab_size={vocab})")
     params = SamplingParams(float(temperature), int(top_k), float(top_p))
-    graphdef, state = split_layer_views(model)
-    stop = jnp.asarray(list(stop_ids) if stop_ids else [-1], jnp.int32)
     streams = cpu_streams(model, len(prompts), params)
     size = len(prompts) // streams
+    graphdef, state = split_layer_views(model, rows=size)
+    stop = jnp.asarray(list(stop_ids) if stop_ids else [-1], jnp.int32)
     groups = [list(prompts[i:i + size]) for i in range(0, len(prompts), size)]
     T = -(-max(len(p) for p in prompts) // PROMPT_BUCKET) * PROMPT_BUCKET  # one length: one compiled program
 

@@ -21,6 +21,14 @@ over two threads; a row-major matrix goes to its matrix-vector kernel, on one. M
   product and takes ~35-40 us to wake for the next split one; with all three split it stays awake through a
   layer's tiles (jax.profiler: 130-137 -> 100-104 us a tile; batch 1 15.1 -> 14.9 ms a step, batch 8 52.4 ->
   50.4 ms). Prefill is unchanged.
+
+The layers' other matrices ([in, out] per layer: wq_a, wkv_a, the dense and shared MLPs, the router) and the
+lm_head go out major too when each decode step multiplies them by one row (`rows=1`: batch 1, or greedy batch 2
+as two streams), and row-major otherwise: 4 rows times an out-major matrix ran slower (lm_head 9.5 against
+7.1 ms; [1024, 2816] 12 against 17 GB/s). bench-mini, float32, in one process alternating (1024-token prompts,
+33 new tokens, medians): batch 1 13.4 -> 12.4 ms a step, batch 2 21.3 -> 18.5 ms; the same matrices out major at
+batch 8 (two streams of 4 rows): 48.1 -> 55.9 ms. The attention's per-head weights (wq_b, wo, w_uk, w_uv) gained
+nothing or lost out major, so they stay row-major.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.experimental.layout import Format, Layout
+
+from kimi_jax.params import linear_axes
 
 ROUTED_EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 
@@ -61,6 +71,29 @@ class StackViews:
         return cls(parts, transposed)
 
 
+@jax.tree_util.register_pytree_node_class
+class OutMajorMatrix:
+    """A matrix [in, out] handed over as its rows of outputs (`rows_OI`, aliasing an out-major array):
+    `m[...]` is the matrix, transposed back inside jitted code where the transpose is free."""
+
+    def __init__(self, rows_OI):
+        self.rows_OI = rows_OI
+
+    def __getitem__(self, index):
+        return self.rows_OI.T[index]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.rows_OI.shape[::-1]
+
+    def tree_flatten(self):
+        return (self.rows_OI,), None
+
+    @classmethod
+    def tree_unflatten(cls, _, children):
+        return cls(*children)
+
+
 def is_views(x) -> bool:
     return isinstance(x, StackViews)
 
@@ -76,6 +109,19 @@ def _out_major_layout(ndim: int) -> Layout:
 
 def _is_out_major(w: jax.Array) -> bool:
     return w.ndim >= 2 and w.format.layout.major_to_minor == _out_major_layout(w.ndim).major_to_minor
+
+
+def _stored(w: jax.Array, out_major: bool) -> jax.Array:
+    """`w` in the out-major or the row-major memory order (moved if it is in the other; same values)."""
+    if _is_out_major(w) == out_major:
+        return w
+    order = _out_major_layout(w.ndim) if out_major else Layout(major_to_minor=tuple(range(w.ndim)))
+    return jax.device_put(w, Format(order, w.sharding))
+
+
+def _is_layer_matrix(path, variable) -> bool:
+    """A linear weight stacked over the layers as [layers, in, out] (one input and one output axis)."""
+    return linear_axes(path[-1], variable.get_metadata()["axes"]) == ((1,), (2,))
 
 
 def _views(w: jax.Array, depth: int) -> StackViews:
@@ -98,15 +144,19 @@ def _views(w: jax.Array, depth: int) -> StackViews:
     return nest(parts, lead)
 
 
-def split_layer_views(model) -> tuple[nnx.GraphDef, nnx.State]:
+def split_layer_views(model, rows: int | None = None) -> tuple[nnx.GraphDef, nnx.State]:
     """`nnx.split(model)`, with every stacked layer weight as per-layer views when the layer loop is unrolled,
     and the routed experts of the default MoE path (moe_impl="xla", dense weights) also as per-expert views
-    (their stacks moved out major first, see above). Arrays that are not on one CPU device
-    (accelerators, meshes) stay as nnx.split gives them."""
+    (their stacks moved out major first, see above). `rows`: how many rows each decode step multiplies the
+    weights by, where the caller knows it; with 1 the layers' [in, out] matrices and the lm_head are moved out
+    major too, otherwise (moved back) row-major. Arrays that are not on one CPU device (accelerators, meshes)
+    stay as nnx.split gives them. The model keeps the memory orders set here: a move is made only when a call asks
+    for another order than the last."""
     graphdef, state = nnx.split(model)
     cfg = model.cfg
     if cfg.layer_loop != "unroll":
         return graphdef, state
+    # nnx.split's variables are the model's own, so a moved array stays moved in the model
     for name in model.stacks():
         flat = []
         for path, variable in nnx.to_flat_state(state[f"{name}_layers"]["layers"]):
@@ -114,11 +164,16 @@ def split_layer_views(model) -> tuple[nnx.GraphDef, nnx.State]:
             if _on_one_cpu(w):
                 expert_stack = (path[0] == "mlp" and path[-1] in ROUTED_EXPERT_WEIGHTS and w.ndim == 4
                                 and cfg.moe_impl == "xla")
-                if expert_stack and not _is_out_major(w):
-                    # nnx.split's variables are the model's own, so the model keeps the new order (moved once)
-                    w = jax.device_put(w, Format(_out_major_layout(w.ndim), w.sharding))
+                if expert_stack or _is_layer_matrix(path, variable):
+                    w = _stored(w, out_major=expert_stack or rows == 1)
                     variable.set_value(w)
                 variable = variable.replace(_views(w, 2 if expert_stack else 1))
             flat.append((path, variable))
         state[f"{name}_layers"]["layers"] = nnx.from_flat_state(flat)
+    if "lm_head" in state and _on_one_cpu(state["lm_head"].get_value()):
+        head = _stored(state["lm_head"].get_value(), out_major=rows == 1)
+        state["lm_head"].set_value(head)
+        if _is_out_major(head):
+            state["lm_head"] = state["lm_head"].replace(OutMajorMatrix(jax.device_put(np.from_dlpack(head).T,
+                                                                                      head.sharding)))
     return graphdef, state

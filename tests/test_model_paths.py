@@ -12,7 +12,8 @@ from kimi_jax.attention import _write_one_row_each, absorbed_attention, causal_a
 from kimi_jax.cache import init_cache
 from kimi_jax.generate import greedy
 from kimi_jax.moe import experts_grouped, experts_reference, route
-from kimi_jax.views import StackViews, split_layer_views
+from kimi_jax.generate import generate
+from kimi_jax.views import OutMajorMatrix, StackViews, split_layer_views
 from sharding import make_mesh
 from sharding.rules import SERVE, ShardingError, named_sharding
 from numerics import randomize, rel
@@ -175,13 +176,15 @@ def test_grouped_experts_equal_reference(N, E, X, block, views):
     assert rel(got, experts_reference(x, weights, experts, wg, wu, wd)) < 1e-5
 
 
-def test_layer_views_alias_the_stacks_and_equal_the_model():
+@pytest.mark.parametrize("rows", [None, 1])
+def test_layer_views_alias_the_stacks_and_equal_the_model(rows):
     """split_layer_views hands every layer (and routed expert) over as arrays that share the stacks' memory,
-    and forward / cached decode through them equal the model's own."""
+    and forward / cached decode through them equal the model's own. With rows=1 the layers' [in, out] matrices
+    and the lm_head are handed over as their rows of outputs too."""
     cfg = preset("tiny")
     model = randomize(KimiForCausalLM(cfg, rngs=nnx.Rngs(3)))
     before = nnx.split(model)[1]
-    graphdef, state = split_layer_views(model)
+    graphdef, state = split_layer_views(model, rows=rows)
     for name in ("w_gate", "w_down"):
         stack = getattr(model.moe_layers.layers.mlp, name)[...]
         views = state["moe_layers"]["layers"]["mlp"][name].get_value()
@@ -192,6 +195,22 @@ def test_layer_views_alias_the_stacks_and_equal_the_model():
             assert part.shape == stack.shape[:1:-1]
             assert part.unsafe_buffer_pointer() - stack.unsafe_buffer_pointer() == (i * E + e) * part.nbytes
             assert np.array_equal(views[i][e], before["moe_layers"]["layers"]["mlp"][name][...][i, e])
+    for stack, views, was in [
+            (model.moe_layers.layers.mlp.shared.w_up, state["moe_layers"]["layers"]["mlp"]["shared"]["w_up"],
+             before["moe_layers"]["layers"]["mlp"]["shared"]["w_up"]),
+            (model.dense_layers.layers.attn.wq_a, state["dense_layers"]["layers"]["attn"]["wq_a"],
+             before["dense_layers"]["layers"]["attn"]["wq_a"])]:
+        stack, views, was = stack[...], views.get_value(), was[...]
+        assert views.transposed == (rows == 1) and views.shape == stack.shape
+        last = views.parts[-1]
+        assert last.shape == (stack.shape[:0:-1] if rows == 1 else stack.shape[1:])
+        assert last.unsafe_buffer_pointer() - stack.unsafe_buffer_pointer() == (len(views.parts) - 1) * last.nbytes
+        assert np.array_equal(views[len(views.parts) - 1], was[-1])
+    head = state["lm_head"].get_value()
+    assert isinstance(head, OutMajorMatrix) == (rows == 1)
+    if rows == 1:
+        assert head.rows_OI.unsafe_buffer_pointer() == model.lm_head[...].unsafe_buffer_pointer()
+        assert head.shape == model.lm_head.shape and np.array_equal(head[...], before["lm_head"][...])
     ids = jax.random.randint(jax.random.key(0), (2, 40), 0, cfg.vocab_size)
 
     def prefill_then_step(state, ids):
@@ -270,22 +289,47 @@ def test_bad_mesh_names_the_parameter():
         named_sharding("moe/w_gate", (6, 4, 4), ("experts", "embed", "expert_mlp"), mesh, SERVE)
 
 
-def test_out_major_experts_leave_the_model_as_it_was():
-    """split_layer_views moves the routed expert stacks into another memory order (kimi_jax.views); the model's
-    values, forward and gradients stay those of a model that was never split."""
+def test_out_major_weights_leave_the_model_as_it_was():
+    """split_layer_views moves the routed expert stacks (and with rows=1 the layers' matrices and the lm_head)
+    into another memory order (kimi_jax.views), and a later call without rows=1 moves the matrices back; the
+    model's values, forward and gradients stay those of a model that was never split."""
     cfg = preset("tiny")
     model, twin = (randomize(KimiForCausalLM(cfg, rngs=nnx.Rngs(3))) for _ in range(2))
-    split_layer_views(model)
-    for name in ("w_gate", "w_up", "w_down"):
-        assert getattr(model.moe_layers.layers.mlp, name)[...].format.layout.major_to_minor == (0, 1, 3, 2)
     ids = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
 
     def loss(m, ids):
         return jnp.mean(m(ids) ** 2)
 
-    (got_loss, got), (want_loss, want) = (nnx.jit(nnx.value_and_grad(loss))(m, ids) for m in (model, twin))
-    assert got_loss == want_loss
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        assert rel(g, w) < 1e-6
-    leaves = [jax.tree.leaves(nnx.state(m)) for m in (model, twin)]
-    assert all(np.array_equal(a, b) for a, b in zip(*leaves))
+    want_loss, want = nnx.jit(nnx.value_and_grad(loss))(twin, ids)
+    for rows in (1, 4):
+        split_layer_views(model, rows=rows)
+        mlp = model.moe_layers.layers.mlp
+        for w in (mlp.w_gate, mlp.w_up, mlp.w_down):
+            assert w[...].format.layout.major_to_minor == (0, 1, 3, 2)
+        matrix = (0, 2, 1) if rows == 1 else (0, 1, 2)
+        for w in (mlp.shared.w_down, mlp.w_router, model.dense_layers.layers.mlp.w_gate,
+                  model.moe_layers.layers.attn.wkv_a):
+            assert w[...].format.layout.major_to_minor == matrix
+        assert model.lm_head[...].format.layout.major_to_minor == ((1, 0) if rows == 1 else (0, 1))
+        assert model.moe_layers.layers.attn.wo[...].format.layout.major_to_minor == (0, 1, 2, 3)
+        got_loss, got = nnx.jit(nnx.value_and_grad(loss))(model, ids)
+        assert got_loss == want_loss
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert rel(g, w) < 1e-6
+        leaves = [jax.tree.leaves(nnx.state(m)) for m in (model, twin)]
+        assert all(np.array_equal(a, b) for a, b in zip(*leaves))
+
+
+def test_generate_moves_the_matrices_and_keeps_the_tokens():
+    """generate() at batch 1 hands the matrices over out major and at batch 3 row-major (kimi_jax.views), moving
+    the same model's weights back and forth; each sequence gets the tokens it gets alone on a fresh model."""
+    cfg = preset("tiny")
+    model, twin = (randomize(KimiForCausalLM(cfg, rngs=nnx.Rngs(4))) for _ in range(2))
+    prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (3, 9)).tolist()
+    alone = [generate(model, [p], max_new_tokens=6).tokens[0] for p in prompts]
+    assert model.lm_head[...].format.layout.major_to_minor == (1, 0)
+    together = generate(model, prompts, max_new_tokens=6, temperature=0.0).tokens
+    assert model.lm_head[...].format.layout.major_to_minor == (0, 1)
+    again = generate(model, prompts[:1], max_new_tokens=6).tokens
+    assert together == alone and again == alone[:1]
+    assert generate(twin, prompts, max_new_tokens=6).tokens == alone
