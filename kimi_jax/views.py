@@ -173,7 +173,7 @@ def split_layer_views(model, rows: int | None = None) -> tuple[nnx.GraphDef, nnx
     if "lm_head" in state and _on_one_cpu(state["lm_head"].get_value()):
         head = _stored(state["lm_head"].get_value(), out_major=rows == 1)
         state["lm_head"].set_value(head)
-        if _is_out_major(head):
+        if rows == 1:
             state["lm_head"] = state["lm_head"].replace(OutMajorMatrix(jax.device_put(np.from_dlpack(head).T,
                                                                                       head.sharding)))
     return graphdef, state
